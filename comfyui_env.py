@@ -1,0 +1,135 @@
+"""Find a ComfyUI source tree and make `comfy.*` importable outside the ComfyUI server.
+
+Inside a running ComfyUI (the pack sits in `ComfyUI/custom_nodes/`) nothing here is needed:
+`comfy` is already importable. The headless trainer and the test suite call
+`ensure_comfyui()` first. Search order, as documented in the README:
+
+1. `COMFYUI_PATH` (environment variable);
+2. the ComfyUI root that contains this pack when it sits in `ComfyUI/custom_nodes/`;
+3. the cache `${XDG_CACHE_HOME:-~/.cache}/comfy-selfnpo/ComfyUI-8ad38d20`, filled by
+   `scripts/setup_comfyui.sh` with the pinned upstream commit.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+
+PINNED_COMMIT = "8ad38d2073b019a204f730182dcf5456fb260858"
+PACK_ROOT = Path(__file__).resolve().parent
+
+log = logging.getLogger("comfy_selfnpo")
+
+
+class ComfyUINotFound(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "comfy-selfnpo" / f"ComfyUI-{PINNED_COMMIT[:8]}"
+
+
+def _is_comfyui_root(path: Path) -> bool:
+    return (path / "comfy" / "samplers.py").is_file() and (path / "nodes.py").is_file()
+
+
+def candidate_roots() -> list[tuple[str, Path]]:
+    """Every place we look, in order, with the reason we look there."""
+    out = []
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        out.append(("COMFYUI_PATH", Path(env).expanduser().resolve()))
+    if PACK_ROOT.parent.name == "custom_nodes":
+        out.append(("the ComfyUI that contains this pack", PACK_ROOT.parent.parent))
+    out.append(("the pinned cache", cache_dir()))
+    return out
+
+
+def find_comfyui() -> Path:
+    tried = []
+    for why, root in candidate_roots():
+        if _is_comfyui_root(root):
+            return root
+        tried.append(f"  - {why}: {root} (no ComfyUI source tree there)")
+    raise ComfyUINotFound(
+        "ComfyUI was not found. Looked in:\n" + "\n".join(tried) + "\n"
+        "Do one of:\n"
+        "  * install this pack into ComfyUI/custom_nodes/ (it then uses that ComfyUI), or\n"
+        "  * export COMFYUI_PATH=/path/to/ComfyUI, or\n"
+        f"  * run `bash scripts/setup_comfyui.sh` (clones ComfyUI {PINNED_COMMIT[:8]} into {cache_dir()};\n"
+        "    set COMFYUI_GIT to a local clone or mirror when offline)."
+    )
+
+
+def _cuda_or_other_accelerator_available() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def install_torchvision_stand_in_if_missing() -> None:
+    """`comfy.model_base` imports torchvision (only Cosmos/Cascade use it). When no real torchvision
+    is importable (CPU-only machines have no usable wheel), register a minimal stand-in so that
+    SD1.5/SDXL models, which never touch it, can load. A real torchvision always wins."""
+    if "torchvision" in sys.modules:
+        return
+    try:
+        if importlib.util.find_spec("torchvision") is not None:
+            import torchvision  # noqa: F401  real one works: use it
+
+            return
+    except Exception:  # a broken CUDA-only wheel raises at import
+        pass
+    import torch.nn.functional as F
+
+    def resize(img, size, interpolation=None, antialias=True):
+        if isinstance(size, int):
+            size = [size, size]
+        return F.interpolate(img, size=list(size), mode="bilinear", align_corners=False, antialias=antialias)
+
+    tv = types.ModuleType("torchvision")
+    tv.__comfy_selfnpo_stand_in__ = True
+    transforms = types.ModuleType("torchvision.transforms")
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.resize = resize
+    transforms.functional = functional
+    tv.transforms = transforms
+    for module in (tv, transforms, functional):  # importlib.util.find_spec() needs a spec
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
+    sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
+                        "torchvision.transforms.functional": functional})
+    log.warning("torchvision is not importable; using a minimal stand-in (SD1.5/SDXL do not need it).")
+
+
+def ensure_comfyui(cpu: bool | None = None) -> Path:
+    """Make `comfy`, `nodes`, `folder_paths`, ... importable and return the ComfyUI root.
+
+    `cpu=None` picks CPU mode only when torch sees no accelerator. CPU mode must be decided
+    before `comfy.model_management` is imported, so call this before importing any `comfy.*`.
+    """
+    if "comfy.model_management" in sys.modules:  # already running inside ComfyUI
+        import comfy
+
+        return Path(comfy.__file__).resolve().parent.parent
+    root = find_comfyui()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    install_torchvision_stand_in_if_missing()
+    from comfy.cli_args import args  # importing cli_args does not parse the command line
+
+    if cpu is None:
+        cpu = not _cuda_or_other_accelerator_available()
+    if cpu:
+        args.cpu = True
+    return root
