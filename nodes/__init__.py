@@ -31,5 +31,10 @@ def load_node_classes() -> list[type[io.ComfyNode]]:
 
 
 class SelfNPOExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from ..model_folders import register_self_npo_folder
+
+        register_self_npo_folder()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return load_node_classes()

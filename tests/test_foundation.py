@@ -38,6 +38,8 @@ def test_comfyui_loader_imports_the_pack_and_registers_every_node(comfy_registry
         assert node_id.startswith(NODE_ID_PREFIX)
         assert node_id in nodes.NODE_CLASS_MAPPINGS, node_id
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+    import folder_paths
+    assert folder_paths.get_folder_paths("self_npo")  # the pack's models folder is registered
 
 
 def _encode(clip, text):
