@@ -185,3 +185,15 @@ def test_setup_script_reports_a_bad_source_and_keeps_an_existing_cache(tmp_path)
     ok = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and str(tree) in ok.stdout
     assert (tree / "nodes.py").read_text() == "# present\n"
+
+
+def test_a_node_module_that_fails_to_import_is_skipped_and_the_rest_register(monkeypatch, caplog, tmp_path):
+    from comfy_selfnpo import nodes as pack_nodes
+
+    before = [cls.GET_SCHEMA().node_id for cls in pack_nodes.load_node_classes()]
+    monkeypatch.setattr(pack_nodes, "NODE_MODULES", ["_selfnpo_missing_optional_dependency", *pack_nodes.NODE_MODULES])
+    with caplog.at_level(logging.WARNING, logger="comfy_selfnpo"):
+        after = [cls.GET_SCHEMA().node_id for cls in pack_nodes.load_node_classes()]
+    assert after == before
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("_selfnpo_missing_optional_dependency" in m and "unavailable" in m for m in messages), messages
