@@ -132,6 +132,7 @@ class LowRankReport:
         return text
 
 
+@torch.no_grad()
 def lowrank_deltas(positive, negative, rank: int | None = None) -> tuple[dict[str, LayerDelta], LowRankReport]:
     """θ_neg − θ_pos per layer for a negative that is a clone of the positive plus patches."""
     report = LowRankReport()
@@ -292,6 +293,7 @@ def _uncond_slices(cond_or_uncond, batch: int) -> list[slice]:
 # ----------------------------------------------------------------------------------------------
 # separate residency: an independent module with the negative's patches baked in
 
+@torch.no_grad()
 def materialize_independent_copy(patcher):
     """A new ModelPatcher around a new BaseModel holding `patcher`'s effective weights (its patches
     baked in), sharing nothing with the original module. Costs one model of memory."""
@@ -466,6 +468,7 @@ def _separate_guard_keys(positive, negative_copy, negative) -> dict:
     return {key: delta for _n, key, delta in scored[:GUARD_KEYS]}
 
 
+@torch.no_grad()
 def apply_self_npo(model, negative_model, residency: str = "auto", rank: int | None = None):
     """A clone of `model` whose CFG uses `negative_model` for the negative/unconditional branch.
 

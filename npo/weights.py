@@ -359,6 +359,7 @@ def _merge_keys(positive, base) -> list[str]:
     return sorted(k for k in positive.model.state_dict() if k.startswith("diffusion_model."))
 
 
+@torch.no_grad()
 def make_negative_model(positive, npo: NPOWeights, strength: float = 1.0, merge_weight: float = 0.0,
                         base=None):
     """θ_neg = θ_pos + η·δ_npo − β·(θ_pos − θ_base), as a clone of `positive` carrying patches.
