@@ -9,6 +9,7 @@ import comfy.model_management
 import comfy.samplers
 import nodes
 
+from npo_setup import single_torch_thread  # noqa: F401  (autouse fixture)
 from npo_setup import (CFG, StepRecorder, guider_sample, hand_cfg, ksample, predict, rel_err, setup)
 from comfy_selfnpo.npo import guidance
 from comfy_selfnpo.npo.guidance import SelfNPOError, SelfNPOGuider, apply_self_npo, get_plan
@@ -192,3 +193,48 @@ def test_batched_lowrank_reduces_full_rank_offsets_by_svd_and_reports_the_error(
         assert rel_err(step["denoised"], hand_cfg(s, step)) < 1e-4
     # auto keeps full-rank offsets exact by giving the negative its own weights
     assert get_plan(apply_self_npo(s.model, negative_model)).residency == "separate"
+
+
+def _tiny_controlnet(s):
+    """A tiny ControlNet for the tiny UNet, built the way ComfyUI's loader builds one."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    from comfy_selfnpo import tiny_models
+
+    config = dict(s.model.model.model_config.unet_config)
+    config.pop("out_channels")
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                  device=torch.device("cpu"))
+    control_model = tiny_models.seeded_init_(comfy.cldm.cldm.ControlNet(**config), seed=9)
+    with torch.no_grad():  # zero-initialised output convs in real training; random here so it acts
+        for p in control_model.zero_convs.parameters():
+            p.mul_(3.0)
+    return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"))  # pixel hints
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_controlnet_reaches_the_negative_model(mode):
+    s = setup("sd15")
+    control = _tiny_controlnet(s)
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(s.positive, s.negative, control, hint,
+                                                                          0.8, 0.0, 1.0)
+    checks = []
+
+    def hand_inside_the_step(args):
+        # the control object is live only during sampling: compute the hand values right here
+        step = {"x": args["input"], "sigma": args["sigma"], "cond": args["cond"], "uncond": args["uncond"]}
+        assert all("control" in c for c in step["uncond"])
+        expected = hand_cfg(s, step)
+        without = hand_cfg(s, dict(step, uncond=[{k: v for k, v in c.items() if k != "control"} for c in step["uncond"]]))
+        checks.append((rel_err(args["denoised"], expected), rel_err(without - step["x"], expected - step["x"])))
+        return args["denoised"]
+
+    model = s.model.clone()
+    model.set_model_sampler_post_cfg_function(hand_inside_the_step)
+    ksample(apply_self_npo(model, s.negative_model(), residency=mode), s, positive=positive, negative=negative)
+    assert len(checks) == 4
+    for err, control_effect in checks:
+        assert err < 1e-4
+        assert control_effect > 1e-3  # the ControlNet really changes the negative branch
