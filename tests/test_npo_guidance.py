@@ -238,3 +238,18 @@ def test_controlnet_reaches_the_negative_model(mode):
     for err, control_effect in checks:
         assert err < 1e-4
         assert control_effect > 1e-3  # the ControlNet really changes the negative branch
+
+
+def test_guider_and_apply_share_one_separate_copy_and_reapplying_replaces():
+    s = setup("sd15")
+    negative_model = s.negative_model()
+    a = apply_self_npo(s.model, negative_model, residency="separate")
+    b = SelfNPOGuider(s.model, negative_model, residency="separate")
+    assert get_plan(a).negative.model is b.plan.negative.model  # one extra model of memory, not two
+    assert get_plan(a).negative.model is not s.model.model
+    once = ksample(apply_self_npo(s.model, negative_model, residency="batched_lowrank"), s)
+    twice = apply_self_npo(apply_self_npo(s.model, negative_model, residency="batched_lowrank"),
+                           negative_model, residency="separate")
+    assert twice.get_additional_models_with_key(guidance.KEY) and not twice.get_wrappers(
+        "apply_model", guidance.KEY)
+    assert rel_err(ksample(twice, s), once) < 1e-4
