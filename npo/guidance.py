@@ -422,6 +422,9 @@ class SelfNPOPlan:
                     f"Self-NPO guard: the negative branch's weight changes did not act (hooks fired on "
                     f"{hooks.fired} of {len(self.deltas)} layers); refusing to run plain CFG. "
                     "Use residency 'separate'.")
+            if hooks.fired < len(self.deltas):
+                log.warning("Self-NPO: only %d of the %d layers the negative model changes ran in this "
+                            "forward pass (another patch skips layers?)", hooks.fired, len(self.deltas))
             self.verified = True
         return out
 
