@@ -318,7 +318,7 @@ def materialize_independent_copy(patcher):
     if getattr(src, "concat_keys", None) is not None and hasattr(new, "concat_keys"):
         new.concat_keys = src.concat_keys
     state = {}
-    for key, value in src.state_dict().items():
+    for key in src.state_dict():
         raw = unpatched_weight(patcher, key)
         if key in patcher.patches:
             dtype = raw.dtype if raw.dtype.is_floating_point else torch.float32

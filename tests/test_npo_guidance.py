@@ -26,8 +26,8 @@ def _run(path, s, negative_model, mode, recorder, cfg=CFG, **conds):
     return ksample(patched, s, cfg=cfg, **conds), get_plan(patched)
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-@pytest.mark.parametrize("path", ["guider", "ksampler"])
+@pytest.mark.parametrize("kind,path", [("sd15", "guider"), ("sd15", "ksampler"), ("sdxl", "guider"),
+                                       ("sdxl", "ksampler"), ("sd2", "ksampler"), ("flow", "ksampler")])
 def test_every_step_is_cfg_with_the_negative_model_on_the_uncond_branch(kind, path):
     s = setup(kind)
     negative_model = s.negative_model()
@@ -253,3 +253,18 @@ def test_guider_and_apply_share_one_separate_copy_and_reapplying_replaces():
     assert twice.get_additional_models_with_key(guidance.KEY) and not twice.get_wrappers(
         "apply_model", guidance.KEY)
     assert rel_err(ksample(twice, s), once) < 1e-4
+
+
+def test_separate_negative_is_loaded_by_comfyui_together_with_the_positive():
+    s = setup("sdxl")
+    patched = apply_self_npo(s.model, s.negative_model(), residency="separate")
+    seen = []
+
+    def loaded_modules(args):
+        seen.append({id(m.model.model) for m in comfy.model_management.current_loaded_models if m.model is not None})
+        return args["denoised"]
+
+    patched.set_model_sampler_post_cfg_function(loaded_modules)
+    ksample(patched, s)
+    negative_module = get_plan(patched).negative.model
+    assert seen and all({id(s.model.model), id(negative_module)} <= ids for ids in seen)
