@@ -268,3 +268,18 @@ def test_separate_negative_is_loaded_by_comfyui_together_with_the_positive():
     ksample(patched, s)
     negative_module = get_plan(patched).negative.model
     assert seen and all({id(s.model.model), id(negative_module)} <= ids for ids in seen)
+
+
+def test_batched_and_separate_agree_on_a_batch_of_two_latents():
+    s = setup("sd15")
+    negative_model = s.negative_model()
+    import nodes as comfy_nodes
+
+    outs = {}
+    for mode in MODES:
+        (out,) = comfy_nodes.common_ksampler(apply_self_npo(s.model, negative_model, residency=mode), 3, 4, CFG,
+                                             "euler", "normal", s.positive, s.negative,
+                                             {"samples": torch.zeros(2, 4, 8, 8)})
+        outs[mode] = out["samples"]
+    assert outs["separate"].shape[0] == 2 and rel_err(outs["separate"][0], outs["separate"][1]) > 1e-3
+    assert rel_err(outs["batched_lowrank"], outs["separate"]) < 1e-4
