@@ -187,7 +187,8 @@ def run_route(route: str, kind: str, full_size: bool, steps: int, repeats: int, 
             times.append((time.perf_counter() - t) / steps)
     peak = (torch.cuda.max_memory_allocated() - alloc0) if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    queue.put({"route": route, "kind": kind, "step_s": min(times),  # best of repeats: least disturbed "peak_bytes": int(peak),
+    # best of the repeats: the run least disturbed by other processes
+    queue.put({"route": route, "kind": kind, "step_s": min(times), "peak_bytes": int(peak),
                "weights_bytes": _weights_held(held) + extra_weights, "setup_s": setup_s,
                "latent": result.float().cpu().tolist()})  # plain data: no shared-memory handles
 
