@@ -9,6 +9,9 @@ import comfy.model_sampling
 from comfy_selfnpo.training import tdft
 from comfy_selfnpo.training.errors import UnsupportedModel
 from comfy_selfnpo.training.trajectories import TrajectoryBuffer
+from tdft_helpers import one_torch_thread
+
+_single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 T = 1000
 
@@ -278,7 +281,7 @@ def test_data_free_buffer_covers_the_noise_levels_like_image_mode():
                            dtype=torch.float64)
     buf.initialize(exact_denoiser, lambda p: {}, lambda n: {}, -1.0, g, "cpu", chunk=16)
     free_t, free_x = [], []
-    for _ in range(5000):
+    for _ in range(2500):
         rows = buf.take(B)
         roll = tdft.teacher_rollout(exact_denoiser, schedule, grid, buf.x[rows], buf.index[rows],
                                     buf.next_steps[rows], -1.0, {}, {})
