@@ -314,3 +314,27 @@ def test_image_latents_are_cached_once(tiny, images, tmp_path, monkeypatch):
     # the cached latent is the VAE encoding of the cropped image in the model's latent space
     direct = ckpt.model.model.process_latent_in(original(images.load_image(1)[None]).float())
     torch.testing.assert_close(first._latents[1:2], direct)
+
+
+def test_out_of_memory_saves_a_resumable_checkpoint_of_the_state_before_the_step(tiny, images, tmp_path):
+    from comfy_selfnpo.training import OutOfMemory
+
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    opts = dict(mode="lora", learning_rate=1e-3, lora_rank=4, steps=3)
+    straight = _trainer(ckpt, images, tmp_path, "straight", **opts).train().losses
+    trainer = _trainer(ckpt, images, tmp_path, **opts)
+    trainer.train(steps=1)
+    real_student = trainer._student
+
+    def student_out_of_memory(*args):  # what torch raises when the device memory is exhausted
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer._student = student_out_of_memory
+    with pytest.raises(OutOfMemory, match="Lower batch_size") as info:
+        trainer.train()
+    assert info.value.checkpoint_path is not None and trainer.step == 1
+    trainer._student = real_student  # the same trainer can go on after freeing memory ...
+    assert trainer.train().losses == straight[1:]
+    resumed = _trainer(ckpt, images, tmp_path, "other", **opts)  # ... and so can a resumed one
+    resumed.load_checkpoint(info.value.checkpoint_path)
+    assert resumed.step == 1 and resumed.train().losses == straight[1:]
