@@ -271,16 +271,23 @@ def main(argv=None):
     p.add_argument("--full-size", action="store_true", help="SD1.5/SDXL sizes with random weights (GPU)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1: shared 2-core machines)")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--smoke", help="comma-separated impl:mode:size runs at latent 8, batch 1, one step "
+                                    "(checks the full-size code path on a CPU)")
     args = p.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))))
         return 0
     import torch
-    device = "cuda" if args.full_size else "cpu"
-    if args.full_size and not torch.cuda.is_available():
-        p.error("--full-size needs a CUDA GPU")
+    device = "cuda" if args.full_size and torch.cuda.is_available() else "cpu"
+    if args.full_size and device == "cpu" and not args.smoke:
+        p.error("--full-size needs a CUDA GPU (or --smoke to check the code path on the CPU)")
+    specs = _specs(args.full_size, device)
+    if args.smoke:
+        wanted = {tuple(x.split(":")) for x in args.smoke.split(",")}
+        specs = [dict(s, latent=8, batch=1, warmup=0, steps=1, amp=False) for s in specs
+                 if (s["impl"], s["mode"], s["size"]) in wanted and s["w"] == -5.0]
     rows = []
-    for spec in _specs(args.full_size, device):
+    for spec in specs:
         spec["threads"] = args.threads
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
                               text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -292,6 +299,9 @@ def main(argv=None):
         rows.append({k: spec[k] for k in ("size", "impl", "mode", "w", "batch", "latent", "amp", "grad_ckpt")} | result)
         print(f"  done: {spec['size']} {spec['impl']} {spec['mode']} w={spec['w']}: {result['step_s']:.3f} s/step",
               file=sys.stderr)
+    if args.smoke:
+        print(json.dumps(rows, indent=1))
+        return 0
     # ratios against the authors' loop of the same size and w
     for r in rows:
         ref = next(x for x in rows if x["size"] == r["size"] and x["w"] == r["w"] and x["impl"] == "authors")

@@ -453,7 +453,7 @@ class TDFTTrainer:
                         losses.append(loss)
                         t_teacher += tt
                         t_student += ts
-                except NonFiniteLoss:
+                except (NonFiniteLoss, KeyboardInterrupt):
                     self.optimizer.zero_grad(set_to_none=True)
                     self._restore_draw_state(before)
                     raise
