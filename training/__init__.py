@@ -17,7 +17,7 @@ _EXPORTS = {
     "TDFTConfig": ".config", "PRESETS": ".config", "make_config": ".config",
     "ImageCaptionFolder": ".data", "PromptList": ".data", "read_prompts_file": ".data",
     "TDFTTrainer": ".trainer", "StepResult": ".trainer", "TrainResult": ".trainer",
-    "base_model_hash": ".trainer", "OutOfMemory": ".trainer",
+    "base_model_hash": ".trainer", "OutOfMemory": ".errors",
     "TrainingError": ".errors", "DataError": ".errors", "NonFiniteLoss": ".errors",
     "ResumeMismatch": ".errors", "UnsupportedModel": ".errors", "TrainingCancelled": ".errors",
 }

@@ -27,16 +27,12 @@ from .checkpoint import load_torch, save_safetensors, save_torch
 from .config import TDFTConfig
 from .data import EpochSampler, ImageCaptionFolder, PromptList
 from .ema import ema_update
-from .errors import (DataError, NonFiniteLoss, ResumeMismatch, TrainingCancelled,  # noqa: F401
-                     TrainingError, UnsupportedModel)
+from .errors import (DataError, NonFiniteLoss, OutOfMemory, ResumeMismatch,  # noqa: F401
+                     TrainingCancelled, TrainingError, UnsupportedModel)
 from .lora import LoRAAdapters, gradient_checkpointing
 
 _log = logging.getLogger("comfy_selfnpo.training")
 
-
-class OutOfMemory(TrainingError):
-    """The device ran out of memory in a step; train() saved a resumable checkpoint first."""
-    checkpoint_path = None
 
 CHECKPOINT_FORMAT = "comfy_selfnpo.tdft_checkpoint"
 CHECKPOINT_VERSION = 1
