@@ -1,0 +1,238 @@
+"""LoRA adapters trained through ComfyUI's own UNet, and gradient checkpointing for it.
+
+The adapters are ours: trainable `down`/`up` matrices per targeted Linear/Conv2d, added to the
+layer's output by a forward hook (y = W·x + (α/r)·up·down·x). Hooks are attached only while the
+trainer runs a forward (`attached()`), so the user's MODEL — whose nn.Module all its clones share —
+is never left modified, and "adapter off" (the frozen-base teacher) needs no extra copy.
+
+Exported with kohya names (`lora_unet_<diffusers name>.lora_down/.lora_up/.alpha`) that
+`comfy.lora.model_lora_keys_unet` maps, so ComfyUI's LoRA loaders apply every tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .errors import TrainingError
+
+_ATTN = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_FF = re.compile(r"(^|\.)ff\.net\.(0\.proj|2)$")
+
+
+def select_targets(diffusion_model: torch.nn.Module, targets: str) -> list[str]:
+    """Module names (relative to the diffusion model) the adapter trains. "attn": attention
+    projections; "attn+ff": plus the transformer feed-forward; "all_linear": every Linear;
+    anything else is a regex searched in the module name (Linear and Conv2d layers)."""
+    names = []
+    for name, module in diffusion_model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear)
+        is_conv = isinstance(module, torch.nn.Conv2d)
+        if not (is_linear or is_conv):
+            continue
+        if targets == "attn":
+            ok = is_linear and bool(_ATTN.search(name))
+        elif targets == "attn+ff":
+            ok = is_linear and bool(_ATTN.search(name) or _FF.search(name))
+        elif targets == "all_linear":
+            ok = is_linear
+        else:
+            ok = bool(re.search(targets, name)) and (is_linear or module.groups == 1)
+        if ok:
+            names.append(name)
+    if not names:
+        raise TrainingError(f"lora_targets={targets!r} matches no Linear/Conv2d layer of this model; "
+                            "use 'attn', 'attn+ff', 'all_linear' or a regex over layer names such as "
+                            "'transformer_blocks'")
+    return names
+
+
+class LoRALayer(torch.nn.Module):
+    """down: [r, in(, kh, kw)], up: [out, r(, 1, 1)]; up starts at zero so training starts at the
+    base model (kohya's initialisation: down ~ kaiming-uniform(a=√5))."""
+
+    def __init__(self, base: torch.nn.Module, rank: int, alpha: float, gen: torch.Generator):
+        super().__init__()
+        self.is_conv = isinstance(base, torch.nn.Conv2d)
+        w = base.weight
+        if self.is_conv:
+            down_shape = (rank, w.shape[1]) + tuple(w.shape[2:])
+            up_shape = (w.shape[0], rank, 1, 1)
+            self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
+        else:
+            down_shape, up_shape = (rank, w.shape[1]), (w.shape[0], rank)
+        fan_in = math.prod(down_shape[1:])
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5) bound
+        self.down = torch.nn.Parameter((torch.rand(down_shape, generator=gen) * 2 - 1) * bound)
+        self.up = torch.nn.Parameter(torch.zeros(up_shape))
+        self.rank, self.alpha = rank, float(alpha)
+        self.scale = self.alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if self.is_conv:
+            h = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)
+            return F.conv2d(h, up) * self.scale
+        return F.linear(F.linear(x, down), up) * self.scale
+
+    def weight_delta(self) -> torch.Tensor:
+        """ΔW = (α/r)·up·down in the base weight's shape (what ComfyUI's LoRA patch adds)."""
+        delta = self.up.flatten(1).float() @ self.down.flatten(1).float()
+        shape = (self.up.shape[0],) + tuple(self.down.shape[1:])
+        return (delta * self.scale).reshape(shape)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class LoRAAdapters(torch.nn.Module):
+    """The trainable adapter set plus (optionally) its EMA copy for an EMA teacher."""
+
+    def __init__(self, diffusion_model: torch.nn.Module, targets: str, rank: int, alpha: float,
+                 seed: int, with_ema: bool):
+        super().__init__()
+        self.names = select_targets(diffusion_model, targets)
+        gen = torch.Generator().manual_seed(seed)
+        modules = dict(diffusion_model.named_modules())
+        self.layers = torch.nn.ModuleDict(
+            {_key(n): LoRALayer(modules[n], rank, alpha, gen) for n in self.names})
+        self.ema = None
+        if with_ema:
+            self.ema = torch.nn.ModuleDict(
+                {_key(n): LoRALayer(modules[n], rank, alpha, gen) for n in self.names})
+            self.ema.load_state_dict(self.layers.state_dict())
+            self.ema.requires_grad_(False)
+        self.rank, self.alpha = rank, float(alpha)
+        self.active = "student"  # "student" | "ema" | "off"
+
+    def trainable_parameters(self):
+        return list(self.layers.parameters())
+
+    @contextlib.contextmanager
+    def attached(self, diffusion_model: torch.nn.Module):
+        """Hook the adapters into the diffusion model for the duration of the block. Base weights
+        are frozen meanwhile (no gradient buffers for them) and restored afterwards."""
+        modules = dict(diffusion_model.named_modules())
+        handles, frozen = [], []
+        for name in self.names:
+            module = modules[name]
+            handles.append(module.register_forward_hook(self._make_hook(_key(name))))
+        for p in diffusion_model.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen.append(p)
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for p in frozen:
+                p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def use(self, which: str):
+        previous, self.active = self.active, which
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def _make_hook(self, key: str):
+        def hook(module, inputs, output):
+            if self.active == "off":
+                return None
+            layers = self.layers if self.active == "student" else self.ema
+            return output + layers[key](inputs[0]).to(output.dtype)
+        return hook
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        from .ema import ema_update
+        ema_update(list(self.ema.parameters()), list(self.layers.parameters()), decay)
+
+    def weight_deltas(self) -> dict[str, torch.Tensor]:
+        """Module name -> ΔW of the student adapter."""
+        return {n: self.layers[_key(n)].weight_delta().detach() for n in self.names}
+
+    def kohya_state_dict(self, base_model) -> dict[str, torch.Tensor]:
+        """kohya keys that ComfyUI's LoRA loader maps (`comfy.lora.model_lora_keys_unet`)."""
+        names = kohya_names(base_model, self.names)
+        out = {}
+        for n in self.names:
+            layer, k = self.layers[_key(n)], names[n]
+            out[f"{k}.lora_down.weight"] = layer.down.detach().float().cpu().contiguous()
+            out[f"{k}.lora_up.weight"] = layer.up.detach().float().cpu().contiguous()
+            out[f"{k}.alpha"] = torch.tensor(self.alpha)
+        return out
+
+
+def kohya_names(base_model, module_names: list[str]) -> dict[str, str]:
+    """Module name -> kohya LoRA name. Prefers the diffusers-style kohya name (what kohya's scripts
+    write, e.g. lora_unet_down_blocks_0_attentions_0_..._to_q) when ComfyUI knows one for the layer,
+    else the ldm-style name (lora_unet_input_blocks_1_1_...); ComfyUI's loader maps both."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(base_model, {})
+    by_unet_key: dict[str, list[str]] = {}
+    for lora_key, unet_key in key_map.items():
+        if isinstance(unet_key, str) and lora_key.startswith("lora_unet_"):
+            by_unet_key.setdefault(unet_key, []).append(lora_key)
+    out = {}
+    for n in module_names:
+        ldm = "lora_unet_" + n.replace(".", "_")
+        candidates = [k for k in by_unet_key.get(f"diffusion_model.{n}.weight", []) if k != ldm]
+        out[n] = sorted(candidates)[0] if candidates else ldm
+    return out
+
+
+# ------------------------------------------------------------------ gradient checkpointing
+
+
+def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks whose activations are recomputed in the backward pass: the UNet's input, middle
+    and output blocks; for other architectures the entries of every top-level ModuleList."""
+    blocks = []
+    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
+        # ComfyUI's UNet runs a TimestepEmbedSequential layer by layer (forward_timestep_embed), never
+        # through the sequence's own forward: wrap its layers (ResBlocks, SpatialTransformers, ...)
+        seqs = list(diffusion_model.input_blocks) + list(diffusion_model.output_blocks)
+        if getattr(diffusion_model, "middle_block", None) is not None:
+            seqs.append(diffusion_model.middle_block)
+        for seq in seqs:
+            blocks += list(seq) if isinstance(seq, torch.nn.Sequential) else [seq]
+    else:
+        for child in diffusion_model.children():
+            if isinstance(child, torch.nn.ModuleList):
+                blocks += list(child)
+    return blocks
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True):
+    """Recompute block activations during backward (torch.utils.checkpoint, non-reentrant) instead
+    of storing them. ComfyUI's own `checkpoint()` helper is a no-op, so we wrap block forwards."""
+    if not enabled:
+        yield
+        return
+    import torch.utils.checkpoint as cp
+
+    patched = []
+    for block in checkpoint_blocks(diffusion_model):
+        original = block.forward
+
+        def fwd(*args, _orig=original, **kwargs):
+            if not torch.is_grad_enabled():
+                return _orig(*args, **kwargs)
+            return cp.checkpoint(lambda a, k: _orig(*a, **k), args, kwargs, use_reentrant=False)
+
+        block.forward = fwd
+        patched.append(block)
+    try:
+        yield
+    finally:
+        for block in patched:
+            del block.forward  # back to the class's forward
