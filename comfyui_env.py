@@ -78,17 +78,18 @@ def _cuda_or_other_accelerator_available() -> bool:
     return bool(xpu is not None and xpu.is_available())
 
 
-def install_torchvision_stand_in_if_missing() -> None:
+def install_torchvision_stand_in_if_missing() -> bool:
     """`comfy.model_base` imports torchvision (only Cosmos/Cascade use it). When no real torchvision
     is importable (CPU-only machines have no usable wheel), register a minimal stand-in so that
-    SD1.5/SDXL models, which never touch it, can load. A real torchvision always wins."""
+    SD1.5/SDXL models, which never touch it, can load. A real torchvision always wins.
+    Returns whether the stand-in was installed."""
     if "torchvision" in sys.modules:
-        return
+        return False
     try:
         if importlib.util.find_spec("torchvision") is not None:
             import torchvision  # noqa: F401  real one works: use it
 
-            return
+            return False
     except Exception:  # a broken CUDA-only wheel raises at import
         pass
     import torch.nn.functional as F
@@ -110,6 +111,25 @@ def install_torchvision_stand_in_if_missing() -> None:
     sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
                         "torchvision.transforms.functional": functional})
     log.warning("torchvision is not importable; using a minimal stand-in (SD1.5/SDXL do not need it).")
+    return True
+
+
+def _import_comfy_then_drop_stand_in() -> None:
+    """Import the ComfyUI modules that `import torchvision` at load time (they keep their reference to
+    the stand-in), then take the stand-in out of `sys.modules`: transformers and diffusers probe
+    for torchvision with `find_spec` and would otherwise try to use the stand-in as the real thing."""
+    import comfy.controlnet  # noqa: F401  (cascade's controlnet)
+    import comfy.model_base  # noqa: F401  (cosmos, cascade)
+    import comfy.sd  # noqa: F401  (ace, stage_c_coder)
+
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    # transformers (imported by ComfyUI's text encoders) memoises its torchvision probe: re-probe.
+    import_utils = sys.modules.get("transformers.utils.import_utils")
+    for probe in ("is_torchvision_available", "is_torchvision_v2_available"):
+        cache_clear = getattr(getattr(import_utils, probe, None), "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
 
 
 def ensure_comfyui(cpu: bool | None = None) -> Path:
@@ -125,11 +145,13 @@ def ensure_comfyui(cpu: bool | None = None) -> Path:
     root = find_comfyui()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    install_torchvision_stand_in_if_missing()
+    stand_in = install_torchvision_stand_in_if_missing()
     from comfy.cli_args import args  # importing cli_args does not parse the command line
 
     if cpu is None:
         cpu = not _cuda_or_other_accelerator_available()
     if cpu:
         args.cpu = True
+    if stand_in:
+        _import_comfy_then_drop_stand_in()
     return root

@@ -197,3 +197,20 @@ def test_a_node_module_that_fails_to_import_is_skipped_and_the_rest_register(mon
     assert after == before
     messages = [r.getMessage() for r in caplog.records]
     assert any("_selfnpo_missing_optional_dependency" in m and "unavailable" in m for m in messages), messages
+
+
+def test_comfyui_and_diffusers_import_together_in_one_process():
+    # ComfyUI needs a torchvision at import time on machines without one; the stand-in must not make
+    # transformers/diffusers believe a real torchvision exists afterwards.
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(PACK_ROOT)!r})
+        from comfyui_env import ensure_comfyui
+        ensure_comfyui(cpu=True)
+        import comfy.sd, comfy.model_base
+        from diffusers import UNet2DConditionModel, DDIMScheduler
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
