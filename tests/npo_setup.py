@@ -1,0 +1,121 @@
+"""A tiny positive model, an NPO LoRA for it, and the same two models built independently by hand.
+
+The guided prediction at every step is compared with uncond(negative) + cfg·(cond(positive) −
+uncond(negative)) evaluated on `pos_ind` / `neg_ind`: fresh modules whose weights were set directly
+(θ and θ + η·δ), sharing nothing with ComfyUI's patching, cloning or loading.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+import comfy.sample
+import comfy.samplers
+import nodes
+
+import npo_files
+from comfy_selfnpo import tiny_models
+from comfy_selfnpo.npo import weights
+
+STRENGTH = 1.5
+CFG = 4.0
+STEPS = 4
+SEED = 5
+
+
+@dataclass
+class Setup:
+    kind: str
+    ckpt: object
+    offset: npo_files.LowRankOffset
+    npo: weights.NPOWeights
+    pos_ind: object
+    neg_ind: object
+    positive: list
+    negative: list
+
+    @property
+    def model(self):
+        return self.ckpt.model
+
+    def encode(self, text):
+        cond, pooled = self.ckpt.clip.encode_from_tokens(self.ckpt.clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    def negative_model(self, strength=STRENGTH):
+        neg, _report = weights.make_negative_model(self.model, self.npo, strength=strength)
+        return neg
+
+
+@lru_cache(maxsize=None)
+def setup(kind: str) -> Setup:
+    ckpt = tiny_models.build_checkpoint(kind, seed=3)
+    offset = npo_files.make_npo_offset(ckpt.model, seed=1)
+    npo = weights.npo_weights_from_state_dict(npo_files.kohya_state_dict(offset, ckpt.model), "npo.safetensors")
+    sd = ckpt.model.model.state_dict()
+    dense = offset.dense(sd)
+    pos_ind = npo_files.independent_model(tiny_models, kind, 3)
+    neg_ind = npo_files.independent_model(tiny_models, kind, 3, {k: sd[k] + STRENGTH * dense[k] for k in dense})
+    s = Setup(kind, ckpt, offset, npo, pos_ind, neg_ind, None, None)
+    s.positive = s.encode("a red cube")
+    s.negative = s.encode("")
+    return s
+
+
+class StepRecorder:
+    """A post-CFG function that keeps every step's input, sigma, guided prediction and conds."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, args):
+        self.steps.append(dict(x=args["input"].clone(), sigma=args["sigma"].clone(),
+                               denoised=args["denoised"].clone(), cond=args["cond"], uncond=args["uncond"]))
+        return args["denoised"]
+
+    def attach(self, model):
+        m = model.clone()
+        m.set_model_sampler_post_cfg_function(self)
+        return m
+
+
+@torch.no_grad()
+def predict(patcher, conds, x, sigma):
+    """ComfyUI's own cond batching (areas, masks, ADM) on one independently built model."""
+    patcher.model.current_patcher = patcher
+    return comfy.samplers.calc_cond_batch(patcher.model, [conds], x, sigma, {})[0]
+
+
+@torch.no_grad()
+def hand_cfg(s: Setup, step, cfg=CFG, negative_model=None):
+    neg = s.neg_ind if negative_model is None else negative_model
+    d_pos = predict(s.pos_ind, step["cond"], step["x"], step["sigma"])
+    d_neg = predict(neg, step["uncond"], step["x"], step["sigma"])
+    return d_neg + cfg * (d_pos - d_neg)
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def latent(size=8):
+    return {"samples": torch.zeros(1, 4, size, size)}
+
+
+def ksample(model, s: Setup, cfg=CFG, positive=None, negative=None, steps=STEPS):
+    (out,) = nodes.common_ksampler(model, SEED, steps, cfg, "euler", "normal",
+                                   positive or s.positive, negative or s.negative, latent())
+    return out["samples"]
+
+
+def guider_sample(guider, s: Setup, cfg=CFG, positive=None, negative=None, steps=STEPS):
+    """What SamplerCustomAdvanced does with a GUIDER, a sampler and sigmas."""
+    guider.set_conds(positive or s.positive, negative or s.negative)
+    guider.set_cfg(cfg)
+    lat = latent()["samples"]
+    noise = comfy.sample.prepare_noise(lat, SEED)
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
+    sampler = comfy.samplers.sampler_object("euler")
+    return guider.sample(noise, lat, sampler, sigmas, disable_pbar=True, seed=SEED)

@@ -1,0 +1,194 @@
+"""Self-NPO guidance equals CFG with the negative model on the uncond branch, step by step, computed
+by hand on two independently built models; in both residencies, through the guider and KSampler."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.samplers
+import nodes
+
+from npo_setup import (CFG, StepRecorder, guider_sample, hand_cfg, ksample, predict, rel_err, setup)
+from comfy_selfnpo.npo import guidance
+from comfy_selfnpo.npo.guidance import SelfNPOError, SelfNPOGuider, apply_self_npo, get_plan
+
+MODES = ("separate", "batched_lowrank")
+
+
+def _run(path, s, negative_model, mode, recorder, cfg=CFG, **conds):
+    model = recorder.attach(s.model)
+    if path == "guider":
+        guider = SelfNPOGuider(model, negative_model, residency=mode)
+        return guider_sample(guider, s, cfg=cfg, **conds), guider.plan
+    patched = apply_self_npo(model, negative_model, residency=mode)
+    return ksample(patched, s, cfg=cfg, **conds), get_plan(patched)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("path", ["guider", "ksampler"])
+def test_every_step_is_cfg_with_the_negative_model_on_the_uncond_branch(kind, path):
+    s = setup(kind)
+    negative_model = s.negative_model()
+    assert negative_model.model is s.model.model  # the shared-weights case: a clone of the positive
+    results = {}
+    for mode in MODES:
+        recorder = StepRecorder()
+        results[mode], plan = _run(path, s, negative_model, mode, recorder)
+        assert plan.residency == mode and plan.verified
+        assert len(recorder.steps) == 4 and plan.negative_calls == 4
+        for step in recorder.steps:
+            expected = hand_cfg(s, step)
+            assert rel_err(step["denoised"], expected) < 1e-4
+            # not plain CFG: the positive model on the uncond branch predicts another update x − D
+            plain = hand_cfg(s, step, negative_model=s.pos_ind)
+            assert rel_err(plain - step["x"], expected - step["x"]) > 1e-2
+    assert torch.isfinite(results["separate"]).all()
+    assert rel_err(results["batched_lowrank"], results["separate"]) < 1e-4
+
+
+def test_trap_positive_clone_plus_npo_lora_gives_the_npo_result_not_plain_cfg():
+    s = setup("sd15")
+    negative_model = s.negative_model()
+    # The trap, in this ComfyUI: load both clones and evaluate the "negative" one -> positive weights.
+    comfy.model_management.load_models_gpu([s.model, negative_model])
+    step = {"x": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), "sigma": torch.tensor([3.0])}
+    naive = StepRecorder()
+    ksample(naive.attach(s.model), s, steps=1)
+    uncond = naive.steps[0]["uncond"]
+    negative_model.model.current_patcher = negative_model
+    with torch.no_grad():
+        naive_neg = comfy.samplers.calc_cond_batch(negative_model.model, [uncond], step["x"], step["sigma"], {})[0]
+    assert rel_err(naive_neg, predict(s.pos_ind, uncond, step["x"], step["sigma"])) < 1e-6
+    assert rel_err(naive_neg, predict(s.neg_ind, uncond, step["x"], step["sigma"])) > 1e-2
+
+    plain = ksample(s.model, s)
+    for mode in ("auto",) + MODES:
+        recorder = StepRecorder()
+        out = ksample(apply_self_npo(recorder.attach(s.model), negative_model, residency=mode), s)
+        assert rel_err(out, plain) > 1e-2
+        for step in recorder.steps:
+            assert rel_err(step["denoised"], hand_cfg(s, step)) < 1e-4
+
+
+def test_auto_residency_picks_batched_for_lora_and_separate_for_other_models():
+    s = setup("sd15")
+    negative_model = s.negative_model()
+    assert get_plan(apply_self_npo(s.model, negative_model)).residency == "batched_lowrank"
+    assert get_plan(apply_self_npo(s.model, s.neg_ind)).residency == "separate"  # its own module
+    with pytest.raises(SelfNPOError, match="separate"):
+        apply_self_npo(s.model, s.neg_ind, residency="batched_lowrank")
+    with pytest.raises(ValueError, match="residency"):
+        apply_self_npo(s.model, negative_model, residency="fast")
+
+
+def test_an_independent_negative_model_is_used_as_it_is():
+    s = setup("sdxl")
+    recorder = StepRecorder()
+    ksample(apply_self_npo(recorder.attach(s.model), s.neg_ind, residency="auto"), s)
+    for step in recorder.steps:
+        assert rel_err(step["denoised"], hand_cfg(s, step)) < 1e-4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_guard_refuses_a_negative_branch_without_the_negative_weights(mode):
+    s = setup("sd15")
+    with pytest.raises(SelfNPOError, match="same weights"):
+        apply_self_npo(s.model, s.model.clone(), residency=mode)
+
+    patched = apply_self_npo(s.model, s.negative_model(), residency=mode)
+    plan = get_plan(patched)
+    if mode == "separate":
+        # the loaded negative module lost its NPO weights (what a shared module would do)
+        negative_module = plan.negative.model
+        negative_module.load_state_dict(s.model.model.state_dict())
+    else:
+        # the hooks act but the NPO change is gone on every layer
+        for delta in plan.deltas.values():
+            delta.up = torch.zeros_like(delta.up)
+            delta._cache.clear()
+    with pytest.raises(SelfNPOError, match="guard"):
+        ksample(patched, s)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cfg_one_skips_the_negative_branch(mode):
+    s = setup("sd15")
+    patched = apply_self_npo(s.model, s.negative_model(), residency=mode)
+    out = ksample(patched, s, cfg=1.0)
+    assert get_plan(patched).negative_calls == 0
+    assert torch.equal(out, ksample(s.model, s, cfg=1.0))
+
+
+def test_pre_and_post_cfg_nodes_still_act_with_apply_self_npo(comfy_registry):
+    s = setup("sd15")
+    mappings = comfy_registry.NODE_CLASS_MAPPINGS
+    apg = mappings["APG"].execute(s.model, eta=0.5, norm_threshold=2.0, momentum=0.0).result[0]
+    npo = apply_self_npo(apg, s.negative_model(), residency="batched_lowrank")
+    rescaled = mappings["RescaleCFG"]().patch(npo, 0.7)[0]
+    normed = mappings["CFGNorm"].execute(rescaled, strength=0.9).result[0]
+    recorder = StepRecorder()
+    ksample(recorder.attach(normed), s)
+
+    options = normed.model_options
+    chain = {"sampler_pre_cfg_function": options["sampler_pre_cfg_function"],
+             "sampler_cfg_function": options["sampler_cfg_function"],
+             "sampler_post_cfg_function": options["sampler_post_cfg_function"][:1]}  # without the recorder
+    for step in recorder.steps:
+        x, sigma = step["x"], step["sigma"]
+        with torch.no_grad():
+            d_pos = predict(s.pos_ind, step["cond"], x, sigma)
+            d_neg = predict(s.neg_ind, step["uncond"], x, sigma)
+            conds = [step["cond"], step["uncond"]]
+            out = [d_pos, d_neg]
+            for fn in chain["sampler_pre_cfg_function"]:
+                out = fn({"conds": conds, "conds_out": out, "cond_scale": CFG, "timestep": sigma, "input": x,
+                          "sigma": sigma, "model": s.pos_ind.model, "model_options": chain})
+            expected = comfy.samplers.cfg_function(s.pos_ind.model, out[0], out[1], CFG, x, sigma,
+                                                   model_options=chain, cond=step["cond"], uncond=step["uncond"])
+        assert rel_err(step["denoised"], expected) < 1e-4
+        # the three nodes really change the result
+        assert rel_err(hand_cfg(s, step), expected) > 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_area_and_mask_conditioning_reach_the_negative_model(mode):
+    s = setup("sdxl")
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :, :5] = 1.0
+    masked = nodes.ConditioningSetMask().append(s.encode("blurry"), mask, "default", 1.0)[0]
+    area = nodes.ConditioningSetArea().append(s.encode("ugly"), 32, 32, 32, 0, 1.0)[0]
+    negative = masked + area
+    recorder = StepRecorder()
+    patched = apply_self_npo(recorder.attach(s.model), s.negative_model(), residency=mode)
+    ksample(patched, s, negative=negative)
+    for step in recorder.steps:
+        assert any("mask" in c for c in step["uncond"]) and any("area" in c for c in step["uncond"])
+        assert rel_err(step["denoised"], hand_cfg(s, step)) < 1e-4
+        # the mask and the area matter: the same prompts without them predict something else
+        plain_uncond = [{k: v for k, v in c.items() if k not in ("mask", "area", "mask_strength")} for c in step["uncond"]]
+        without = hand_cfg(s, dict(step, uncond=plain_uncond))
+        assert rel_err(without, hand_cfg(s, step)) > 1e-3
+
+
+def test_batched_lowrank_reduces_full_rank_offsets_by_svd_and_reports_the_error():
+    s = setup("sd15")
+    from npo_files import offset_state_dict
+    from comfy_selfnpo.npo import weights
+
+    dense_npo = weights.npo_weights_from_state_dict(offset_state_dict(s.offset, s.model))
+    negative_model, report = weights.make_negative_model(s.model, dense_npo, strength=1.5)
+    assert report.format == "offset"
+    # the .diff offsets are exactly rank 4: rank 4 reproduces them, rank 1 does not
+    exact, exact_report = guidance.lowrank_deltas(s.model, negative_model, rank=4)
+    assert exact_report.svd_layers == len(s.offset.factors) and exact_report.relative_error < 1e-5
+    _, coarse = guidance.lowrank_deltas(s.model, negative_model, rank=1)
+    assert 0.05 < coarse.relative_error < 1 and coarse.max_relative_error >= coarse.relative_error
+    recorder = StepRecorder()
+    patched = apply_self_npo(recorder.attach(s.model), negative_model, residency="batched_lowrank", rank=4)
+    assert get_plan(patched).lowrank.svd_layers == len(s.offset.factors)
+    ksample(patched, s)
+    for step in recorder.steps:
+        assert rel_err(step["denoised"], hand_cfg(s, step)) < 1e-4
+    # auto keeps full-rank offsets exact by giving the negative its own weights
+    assert get_plan(apply_self_npo(s.model, negative_model)).residency == "separate"
