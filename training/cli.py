@@ -219,15 +219,22 @@ class ProgressBar:
 
 # ------------------------------------------------------------------ the run
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool):
+    """Pack messages (data warnings, resume notes) to stderr; returns a function that puts the
+    logger back as it was (main() may run in-process, e.g. under the test suite)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("comfy-selfnpo-train: %(levelname)s: %(message)s"))
     pack = logging.getLogger("comfy_selfnpo")
-    pack.handlers = [h for h in pack.handlers if not getattr(h, "_selfnpo_cli", False)]
-    handler._selfnpo_cli = True
+    saved = (pack.level, pack.propagate)
     pack.addHandler(handler)
     pack.setLevel(logging.INFO if verbose else logging.WARNING)
     pack.propagate = False
+
+    def restore():
+        pack.removeHandler(handler)
+        pack.setLevel(saved[0])
+        pack.propagate = saved[1]
+    return restore
 
 
 def _init_comfyui(device: str) -> None:
@@ -393,12 +400,13 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    restore_logging = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         apply_toml(args, parser)
         _check_args(args)
-        _setup_logging(bool(args.verbose))
+        restore_logging = _setup_logging(bool(args.verbose))
         _init_comfyui(args.device or "auto")
         code = run(args)
     except SystemExit as e:  # argparse: --help (0) or bad flags (2)
@@ -413,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         print("comfy-selfnpo-train: unexpected error (a bug; please report it with the traceback above)",
               file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if restore_logging is not None:
+            restore_logging()
     log.info("done in %.1f s", time.perf_counter() - started)
     return code
 

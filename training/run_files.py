@@ -164,6 +164,16 @@ def save_summary(path, summary: dict) -> Path:
 
 # ---------------------------------------------------------------- image grids
 
+GRID_HEADER, GRID_SIDE, GRID_PAD = 18, 110, 4
+
+
+def grid_cell_box(row: int, col: int, cell_w: int, cell_h: int, row_labels: bool) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of one cell of `labelled_grid` (cell sizes after scaling)."""
+    left = (GRID_SIDE if row_labels else 0) + GRID_PAD + col * (cell_w + GRID_PAD)
+    top = GRID_HEADER + GRID_PAD + row * (cell_h + GRID_PAD)
+    return left, top, left + cell_w, top + cell_h
+
+
 def labelled_grid(rows: list[list], column_labels: list[str], row_labels: list[str] | None = None,
                   scale: int = 1):
     """Tile PIL images into a grid with a header row (e.g. "CFG" | "NPO-CFG"). Tiny models make
@@ -172,7 +182,7 @@ def labelled_grid(rows: list[list], column_labels: list[str], row_labels: list[s
 
     cell_w = max(im.width for row in rows for im in row) * scale
     cell_h = max(im.height for row in rows for im in row) * scale
-    header, side, pad = 18, (110 if row_labels else 0), 4
+    header, side, pad = GRID_HEADER, (GRID_SIDE if row_labels else 0), GRID_PAD
     ncols = max(len(row) for row in rows)
     grid = Image.new("RGB", (side + ncols * (cell_w + pad) + pad, header + len(rows) * (cell_h + pad) + pad),
                      (255, 255, 255))
@@ -181,12 +191,12 @@ def labelled_grid(rows: list[list], column_labels: list[str], row_labels: list[s
     for c, label in enumerate(column_labels):
         draw.text((side + pad + c * (cell_w + pad), 4), label, fill=(0, 0, 0), font=font)
     for r, row in enumerate(rows):
-        y = header + pad + r * (cell_h + pad)
+        y = grid_cell_box(r, 0, cell_w, cell_h, bool(row_labels))[1]
         if row_labels:
             draw.text((4, y + cell_h // 2 - 6), row_labels[r][:18], fill=(0, 0, 0), font=font)
         for c, im in enumerate(row):
             im = im.convert("RGB")
             if scale != 1:
                 im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-            grid.paste(im, (side + pad + c * (cell_w + pad), y))
+            grid.paste(im, grid_cell_box(r, c, cell_w, cell_h, bool(row_labels))[:2])
     return grid
