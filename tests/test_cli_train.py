@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -61,7 +62,7 @@ def test_cli_trains_a_tiny_checkpoint_and_writes_every_run_file(full_run):
     previews = sorted(p.name for p in (out / "previews").glob("*.png"))
     assert previews == ["step_000004.png", "step_000008.png"]
     # a preview is CFG | NPO-CFG of the same seed: the two halves differ once the LoRA is trained
-    grid = torch.tensor(list(Image.open(out / "previews" / "step_000008.png").convert("L").getdata()), dtype=torch.float32)
+    grid = torch.from_numpy(np.asarray(Image.open(out / "previews" / "step_000008.png").convert("L"), dtype=np.float32))
     assert grid.std() > 0
     assert (out / "checkpoint" / "state.pt").is_file()
     assert "TDFT" in proc.stderr or "finished" in proc.stderr
@@ -124,7 +125,7 @@ def test_cli_sigint_then_resume_gives_the_uninterrupted_weights(full_run, workdi
 
 def test_cli_demo_shortened_writes_grid_and_weights(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli(["--demo", "--steps", 3, "--no-progress", "--output", out])
+    proc = run_cli(["--demo", "--steps", 3, "--trajectory-buffer", 2, "--no-progress", "--output", out])
     assert proc.returncode == 0, proc.stderr
     s = summary(out)
     assert s["status"] == "finished" and s["step"] == 3
@@ -142,8 +143,8 @@ def test_cli_demo_shortened_writes_grid_and_weights(tmp_path):
     assert rows == 4  # two prompts x two seeds
     differs = 0
     for r in range(rows):
-        cfg = torch.tensor(list(grid.crop(grid_cell_box(r, 0, cell, cell, True)).getdata()), dtype=torch.float32)
-        npo = torch.tensor(list(grid.crop(grid_cell_box(r, 1, cell, cell, True)).getdata()), dtype=torch.float32)
+        cfg = torch.from_numpy(np.asarray(grid.crop(grid_cell_box(r, 0, cell, cell, True)), dtype=np.float32))
+        npo = torch.from_numpy(np.asarray(grid.crop(grid_cell_box(r, 1, cell, cell, True)), dtype=np.float32))
         assert cfg.std() > 0 and npo.std() > 0
         differs += int((cfg - npo).abs().max() > 0)
     assert differs >= 1  # NPO-CFG is not plain CFG

@@ -245,7 +245,8 @@ def _init_comfyui(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
-    ensure_comfyui(cpu={"cpu": True, "cuda": False}.get(device))
+    if "comfy.model_management" not in sys.modules:  # else: already inside ComfyUI (or the tests)
+        ensure_comfyui(cpu={"cpu": True, "cuda": False}.get(device))
     import comfy.model_management  # noqa: F401  decides CPU/GPU now
 
     if os.environ.get(TINY_MODELS_ENV) == "1":
