@@ -197,10 +197,13 @@ def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]
     and output blocks; for other architectures the entries of every top-level ModuleList."""
     blocks = []
     if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
-        blocks += list(diffusion_model.input_blocks)
+        # ComfyUI's UNet runs a TimestepEmbedSequential layer by layer (forward_timestep_embed), never
+        # through the sequence's own forward: wrap its layers (ResBlocks, SpatialTransformers, ...)
+        seqs = list(diffusion_model.input_blocks) + list(diffusion_model.output_blocks)
         if getattr(diffusion_model, "middle_block", None) is not None:
-            blocks.append(diffusion_model.middle_block)
-        blocks += list(diffusion_model.output_blocks)
+            seqs.append(diffusion_model.middle_block)
+        for seq in seqs:
+            blocks += list(seq) if isinstance(seq, torch.nn.Sequential) else [seq]
     else:
         for child in diffusion_model.children():
             if isinstance(child, torch.nn.ModuleList):

@@ -24,12 +24,12 @@ from .tdft import NoiseSchedule, ddim_grid, noise_to, teacher_rollout
 
 class TrajectoryBuffer:
     def __init__(self, size: int, latent_shape, n_prompts: int, schedule: NoiseSchedule,
-                 grid_size: int, truncation_steps: int):
+                 grid_size: int, truncation_steps: int, dtype=torch.float32):
         self.size, self.latent_shape = int(size), tuple(latent_shape)
         self.n_prompts = int(n_prompts)
         self.schedule, self.N, self.K = schedule, int(grid_size), int(truncation_steps)
         self.grid = ddim_grid(schedule.T, self.N)
-        self.x = torch.zeros((self.size,) + self.latent_shape)
+        self.x = torch.zeros((self.size,) + self.latent_shape, dtype=dtype)
         self.index = torch.full((self.size,), self.N - 1, dtype=torch.long)
         self.next_steps = torch.full((self.size,), self.K, dtype=torch.long)
         self.prompt = torch.zeros(self.size, dtype=torch.long)
@@ -39,7 +39,7 @@ class TrajectoryBuffer:
     def _fresh(self, rows: torch.Tensor, gen: torch.Generator, first_steps_random: bool = True):
         n = rows.numel()
         self.prompt[rows] = torch.randint(0, self.n_prompts, (n,), generator=gen)
-        noise = torch.randn((n,) + self.latent_shape, generator=gen)
+        noise = torch.randn((n,) + self.latent_shape, generator=gen).to(self.x.dtype)
         top = torch.full((n,), int(self.grid[-1]), dtype=torch.long)
         self.x[rows] = noise_to(self.schedule, torch.zeros_like(noise), top, noise)
         self.index[rows] = self.N - 1
@@ -63,7 +63,7 @@ class TrajectoryBuffer:
             roll = teacher_rollout(teacher, self.schedule, self.grid, self.x[part].to(device),
                                    self.index[part], preroll[part], w, cond_for(self.prompt[part]),
                                    uncond_for(part.numel()), need_target=False)
-            self.x[part] = roll.x_e.float().cpu()
+            self.x[part] = roll.x_e.to("cpu", self.x.dtype)
             self.index[part] = roll.index_e
             evaluations += roll.evaluations
         self.initialized = True
@@ -78,7 +78,7 @@ class TrajectoryBuffer:
     def store(self, rows: torch.Tensor, x_e: torch.Tensor, index_e: torch.Tensor,
               gen: torch.Generator) -> None:
         """Write continued states back; entries that reached t = 0 restart from fresh noise."""
-        self.x[rows] = x_e.detach().float().cpu()
+        self.x[rows] = x_e.detach().to("cpu", self.x.dtype)
         self.index[rows] = index_e.cpu()
         self.next_steps[rows] = self.K
         done = rows[index_e.cpu() < 0]

@@ -1,0 +1,316 @@
+"""TDFTTrainer behaviour: what is trained, EMA, resume, NaN, cancel, inference mode, gradient
+checkpointing, mixed precision, optimizer fallback, config and data errors."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+from comfy_selfnpo.training import (DataError, ImageCaptionFolder, NonFiniteLoss, PromptList,
+                                    ResumeMismatch, TDFTTrainer, TrainingCancelled, make_config)
+from comfy_selfnpo.training.config import PRESETS, TDFTConfig
+from comfy_selfnpo.training.data import read_prompts_file
+from tdft_helpers import base_prediction, make_image_folder, one_torch_thread, snapshot
+
+_single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+
+SMALL = dict(resolution=64, batch_size=2, grid_size=10, truncation_steps=3, seed=7)
+
+
+@pytest.fixture
+def images(tmp_path):
+    return ImageCaptionFolder(make_image_folder(tmp_path / "images"), 64)
+
+
+def _trainer(ckpt, data, tmp_path, name="work", **overrides):
+    cfg = make_config(**{**SMALL, **overrides})
+    return TDFTTrainer(ckpt.model, ckpt.clip, ckpt.vae, data, cfg, tmp_path / name)
+
+
+def _probe(trainer, ckpt):
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cond = trainer.to_model_cond("a red cube")
+    return x, cond, base_prediction(ckpt.model, x, 2.0, cond)
+
+
+def test_lora_mode_changes_only_adapter_tensors(tiny, images, tmp_path):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    base_before = snapshot(ckpt.model.model.diffusion_model)
+    trainer = _trainer(ckpt, images, tmp_path, mode="lora", teacher="base", lora_rank=4,
+                       lora_alpha=4.0, learning_rate=1e-2)
+    adapters_before = snapshot(trainer.adapters.layers)
+    x, cond, user_before = _probe(trainer, ckpt)
+    result = trainer.train(steps=3)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    # the UNet (shared by every clone of the user's MODEL) is bit-identical, hooks are gone
+    assert all(torch.equal(v, ckpt.model.model.diffusion_model.state_dict()[k]) for k, v in base_before.items())
+    torch.testing.assert_close(base_prediction(ckpt.model, x, 2.0, cond), user_before, rtol=0, atol=0)
+    after = snapshot(trainer.adapters.layers)
+    changed = [k for k in after if not torch.equal(after[k], adapters_before[k])]
+    assert changed and all(k.endswith(("down", "up")) for k in changed)
+    assert all(after[k].abs().max() > 0 for k in after if k.endswith("up"))  # up left zero init
+    # the trained model differs from the base, and the node's negative MODEL carries exactly it
+    trained = trainer.predict_x0(x, 2.0, cond)
+    assert (trained - user_before).abs().max() > 1e-4
+    torch.testing.assert_close(base_prediction(trainer.negative_model(), x, 2.0, cond), trained,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_full_mode_updates_the_unet_on_a_copy(tiny, images, tmp_path):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    base_before = snapshot(ckpt.model.model.diffusion_model)
+    trainer = _trainer(ckpt, images, tmp_path, mode="full", teacher="ema", learning_rate=1e-3)
+    x, cond, user_before = _probe(trainer, ckpt)
+    trainer.train(steps=2)
+    student = snapshot(trainer.student_model.diffusion_model)
+    changed = [k for k in student if not torch.equal(student[k], base_before[k])]
+    assert len(changed) > 0.9 * len(student)  # essentially every tensor of the UNet moved
+    assert all(torch.equal(v, ckpt.model.model.diffusion_model.state_dict()[k]) for k, v in base_before.items())
+    torch.testing.assert_close(base_prediction(ckpt.model, x, 2.0, cond), user_before, rtol=0, atol=0)
+    trained = trainer.predict_x0(x, 2.0, cond)
+    assert (trained - user_before).abs().max() > 1e-3
+    torch.testing.assert_close(base_prediction(trainer.negative_model(), x, 2.0, cond), trained,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_ema_teacher_update_matches_its_formula(tiny, images, tmp_path, mode):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    trainer = _trainer(ckpt, images, tmp_path, mode=mode, teacher="ema", ema_decay=0.9,
+                       learning_rate=1e-2, lora_rank=4)
+    trainer.train(steps=1)
+    teacher_before = (snapshot(trainer.adapters.ema) if mode == "lora"
+                      else snapshot(trainer.teacher_model.diffusion_model))
+    student_before = (snapshot(trainer.adapters.layers) if mode == "lora"
+                      else snapshot(trainer.student_model.diffusion_model))
+    trainer.train(steps=1)
+    teacher = snapshot(trainer.adapters.ema) if mode == "lora" else snapshot(trainer.teacher_model.diffusion_model)
+    student = snapshot(trainer.adapters.layers) if mode == "lora" else snapshot(trainer.student_model.diffusion_model)
+    moved = 0
+    for k in teacher:
+        expected = 0.9 * teacher_before[k] + 0.1 * student[k]
+        torch.testing.assert_close(teacher[k], expected, rtol=1e-6, atol=1e-7)
+        moved += int(not torch.equal(student[k], student_before[k]))
+    assert moved > 0
+
+
+@pytest.mark.parametrize("mode,data_kind", [("full", "images"), ("lora", "prompts")])
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny, images, tmp_path, mode, data_kind):
+    ckpt = tiny.build_checkpoint("sd15", seed=2)
+    data = images if data_kind == "images" else PromptList(["a red cube", "a dog", "a tree"])
+    opts = dict(mode=mode, teacher="ema", learning_rate=1e-3, lr_schedule="cosine", warmup_steps=1,
+                steps=4, trajectory_buffer=4, lora_rank=4, grad_accum=2)
+    straight = _trainer(ckpt, data, tmp_path, "straight", **opts)
+    full_run = straight.train().losses
+
+    first = _trainer(ckpt, data, tmp_path, "resumed", **opts)
+    first.train(steps=2)
+    path = first.save_checkpoint()
+    del first
+    second = _trainer(ckpt, data, tmp_path, "resumed", **opts)
+    second.load_checkpoint(path)
+    assert second.step == 2
+    rest = second.train().losses
+    assert second.losses == straight.losses
+    assert full_run[2:] == rest
+    a = snapshot(straight.adapters.layers if mode == "lora" else straight.student_model.diffusion_model)
+    b = snapshot(second.adapters.layers if mode == "lora" else second.student_model.diffusion_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, images, tmp_path):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    # an absurd learning rate blows the weights up after the first update
+    trainer = _trainer(ckpt, images, tmp_path, mode="lora", teacher="base", learning_rate=1e30,
+                       save_every=1, steps=5, lora_rank=4)
+    with pytest.raises(NonFiniteLoss, match="learning rate") as info:
+        trainer.train()
+    assert "nothing was saved" in str(info.value)
+    state_file = tmp_path / "work" / "checkpoint" / "state.pt"
+    saved = torch.load(state_file, weights_only=True)
+    assert saved["step"] == trainer.step == 1  # the step-1 checkpoint is what is left
+    assert all(torch.isfinite(torch.tensor(v)) for v in saved["losses"])
+    assert not list(state_file.parent.glob(".*.tmp"))  # no half-written temp files
+
+
+def test_cancel_saves_a_resumable_checkpoint(tiny, images, tmp_path):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    trainer = _trainer(ckpt, images, tmp_path, mode="lora", learning_rate=1e-3, steps=10, lora_rank=4)
+    seen = []
+    with pytest.raises(TrainingCancelled) as info:
+        trainer.train(on_step=seen.append, should_stop=lambda: len(seen) >= 2)
+    assert info.value.step == 2 and [r.step for r in seen] == [1, 2]
+    resumed = _trainer(ckpt, images, tmp_path, "other", mode="lora", learning_rate=1e-3, steps=10, lora_rank=4)
+    resumed.load_checkpoint(info.value.checkpoint_path)
+    assert resumed.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed.adapters.layers.state_dict().values(),
+                                                 trainer.adapters.layers.state_dict().values()))
+
+
+def test_resume_mismatch_says_what_differs(tiny, images, tmp_path):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    trainer = _trainer(ckpt, images, tmp_path, mode="lora", learning_rate=1e-3, lora_rank=4)
+    trainer.train(steps=1)
+    path = trainer.save_checkpoint()
+    other_lr = _trainer(ckpt, images, tmp_path, "b", mode="lora", learning_rate=5e-4, lora_rank=4)
+    with pytest.raises(ResumeMismatch, match="learning_rate"):
+        other_lr.load_checkpoint(path)
+    other_model = tiny.build_checkpoint("sd15", seed=9)
+    with pytest.raises(ResumeMismatch, match="another base model"):
+        _trainer(other_model, images, tmp_path, "c", mode="lora", learning_rate=1e-3, lora_rank=4).load_checkpoint(path)
+    with pytest.raises(ResumeMismatch, match="no TDFT checkpoint"):
+        other_lr.load_checkpoint(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_training_works_inside_comfyuis_inference_mode(tiny, tmp_path, mode):
+    with torch.inference_mode():  # as ComfyUI runs nodes, models loaded inside it too
+        ckpt = tiny.build_checkpoint("sd15", seed=1)
+        data = ImageCaptionFolder(make_image_folder(tmp_path / "imgs"), 64)
+        trainer = _trainer(ckpt, data, tmp_path, mode=mode, learning_rate=1e-3, lora_rank=4)
+        result = trainer.train(steps=2)
+        x = torch.randn(1, 4, 8, 8)
+        trained = trainer.predict_x0(x, 2.0, "a dog")
+        base = base_prediction(ckpt.model, x, 2.0, trainer.to_model_cond("a dog"))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert (trained - base).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny, images, tmp_path, monkeypatch, mode):
+    import torch.utils.checkpoint as cp
+
+    calls = []
+    original = cp.checkpoint
+    monkeypatch.setattr(cp, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    grads = {}
+    for flag in (False, True):
+        trainer = _trainer(ckpt, images, tmp_path, f"w{flag}", mode=mode, gradient_checkpointing=flag,
+                           lora_rank=4, corruption_guidance=-5.0)
+        trainer._prepare()
+        with trainer._attached():
+            trainer._micro_batch()  # forward + backward of one micro-batch
+        grads[flag] = [p.grad.clone() for p in trainer._trainable()]
+        assert (len(calls) > 0) == flag
+    assert sum(float(g.abs().sum()) for g in grads[False]) > 0
+    for g0, g1 in zip(grads[False], grads[True]):
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_mixed_precision_steps_track_float32(tiny, images, tmp_path):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    losses = {}
+    for precision in ("no", "bf16", "fp16"):
+        trainer = _trainer(ckpt, images, tmp_path, precision, mode="lora", lora_rank=4,
+                           learning_rate=1e-3, mixed_precision=precision)
+        losses[precision] = trainer.train(steps=2).losses
+        assert (trainer.scaler is not None) == (precision == "fp16")
+        assert any(float(p.detach().abs().max()) > 0 for n, p in trainer.adapters.layers.named_parameters() if n.endswith("up"))
+    for precision in ("bf16", "fp16"):
+        assert losses[precision] != losses["no"]  # autocast really ran in low precision
+        for a, b in zip(losses[precision], losses["no"]):
+            assert a == pytest.approx(b, rel=0.05)
+
+
+def test_adamw8bit_falls_back_to_adamw_with_a_warning(tiny, images, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not importable, as on this machine
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    trainer = _trainer(ckpt, images, tmp_path, mode="lora", optimizer="adamw8bit", lora_rank=4)
+    with pytest.warns(UserWarning, match="bitsandbytes"):
+        trainer.train_step()
+    assert type(trainer.optimizer) is torch.optim.AdamW
+    group = trainer.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8 and group["weight_decay"] == 1e-3
+
+
+def test_lr_schedules(tiny, images, tmp_path):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    warm = _trainer(ckpt, images, tmp_path, "a", mode="lora", lr_schedule="warmup", warmup_steps=2,
+                    learning_rate=1e-3, steps=4, lora_rank=2, lora_targets="attn1\\.to_q")
+    lrs = []
+    warm.train(on_step=lambda r: lrs.append(r.lr))
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+    cos = _trainer(ckpt, images, tmp_path, "b", mode="lora", lr_schedule="cosine", learning_rate=1e-3,
+                   steps=4, lora_rank=2, lora_targets="attn1\\.to_q")
+    lrs = []
+    cos.train(on_step=lambda r: lrs.append(r.lr))
+    import math
+    assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+
+
+def test_config_presets_and_validation():
+    for name in PRESETS:
+        cfg = make_config(name)
+        assert cfg.to_dict() == TDFTConfig.from_dict(cfg.to_dict()).to_dict()
+    sd15, sdxl = make_config("sd15"), make_config("sdxl")
+    assert (sd15.corruption_guidance, sd15.learning_rate, sd15.weight_decay, sd15.uncond) == (-1.0, 1e-6, 1e-3, "empty_prompt")
+    assert (sdxl.corruption_guidance, sdxl.learning_rate, sdxl.weight_decay, sdxl.uncond) == (-5.0, 1e-7, 0.0, "zeros")
+    assert make_config("lora-8gb").mode == "lora" and make_config().output_format == "offset"
+    assert make_config("sd15", learning_rate=2e-6, steps=None).learning_rate == 2e-6
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("sd99")
+    with pytest.raises(ValueError, match="unknown TDFT config key"):
+        make_config(lerning_rate=1.0)
+    with pytest.raises(ValueError, match="truncation_steps"):
+        make_config(grid_size=5, truncation_steps=5)
+    with pytest.raises(ValueError, match="loss"):
+        make_config(loss="l3")
+    with pytest.raises(ValueError, match="regex"):
+        make_config(mode="lora", lora_targets="attn[")
+
+
+def test_data_errors_are_clear(tmp_path, caplog):
+    with pytest.raises(DataError, match="does not exist"):
+        ImageCaptionFolder(tmp_path / "nope", 64)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no usable training image"):
+        ImageCaptionFolder(tmp_path / "empty", 64)
+    folder = make_image_folder(tmp_path / "mixed", count=2)
+    (folder / "img1.txt").unlink()
+    (folder / "broken.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING):
+        data = ImageCaptionFolder(folder, 32)
+    assert len(data) == 2 and data.captions == ["a red cube", ""]
+    assert "broken.png" in caplog.text and "img1.png" in caplog.text
+    image = data.load_image(0)  # 64x72 source: shorter side to 32, centre crop
+    assert image.shape == (32, 32, 3) and 0 <= float(image.min()) and float(image.max()) <= 1
+    with pytest.raises(DataError, match="empty"):
+        PromptList(["", "  "])
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert read_prompts_file(tmp_path / "p.txt") == ["a cat", "a dog"]
+    with pytest.raises(DataError, match="does not exist"):
+        read_prompts_file(tmp_path / "missing.txt")
+
+
+def test_center_crop_keeps_the_aspect_ratio():
+    from PIL import Image
+
+    from comfy_selfnpo.training.data import center_crop_resize
+    # a wide image: left third red, middle green, right third blue -> the crop keeps only green-ish
+    wide = Image.new("RGB", (96, 32))
+    for x in range(96):
+        for y in range(32):
+            wide.putpixel((x, y), (255, 0, 0) if x < 32 else (0, 255, 0) if x < 64 else (0, 0, 255))
+    out = center_crop_resize(wide, 16)
+    assert out.shape == (16, 16, 3)
+    assert float(out[..., 1].mean()) > 0.9 and float(out[..., 0].mean()) < 0.1
+
+
+def test_image_latents_are_cached_once(tiny, images, tmp_path, monkeypatch):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    first = _trainer(ckpt, images, tmp_path, mode="lora", lora_rank=2)
+    first._prepare()
+    calls = []
+    original = ckpt.vae.encode
+    monkeypatch.setattr(ckpt.vae, "encode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = _trainer(ckpt, images, tmp_path, mode="lora", lora_rank=2)
+    again._prepare()
+    assert calls == [] and torch.equal(first._latents, again._latents)
+    assert first._latents.shape == (3, 4, 8, 8)
+    # the cached latent is the VAE encoding of the cropped image in the model's latent space
+    direct = ckpt.model.model.process_latent_in(original(images.load_image(1)[None]).float())
+    torch.testing.assert_close(first._latents[1:2], direct)
