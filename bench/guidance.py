@@ -1,0 +1,258 @@
+"""Cost of Self-NPO guidance next to plain CFG, in one run.
+
+Routes, each sampled with KSampler's code path (nodes.common_ksampler) on the same model, noise and
+conditioning:
+  plain_cfg        plain CFG (no negative model): the reference
+  npo_separate     Apply Self-NPO, residency separate (the negative holds its own weights)
+  npo_batched      Apply Self-NPO, residency batched_lowrank (one copy of the weights)
+  comfy_hooks      ComfyUI's own route: the NPO LoRA as a weight hook on the negative conditioning
+                   (exact, but not supported by the dynamic-VRAM memory manager)
+Each route runs in a fresh process (clean memory statistics). Reported: time per sampling step, peak
+memory (CUDA peak allocation on GPU, peak RSS growth on CPU), the weights held after setup, all as
+ratios to plain CFG, and each route's final latent against npo_separate (the routes must agree).
+
+  python bench/guidance.py                 # tiny SD1.5 and SDXL models on the CPU
+  python bench/guidance.py --full-size     # SD1.5 and SDXL architectures, random fp16 weights, GPU
+Writes bench/results/guidance.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUTES = ("plain_cfg", "npo_separate", "npo_batched", "comfy_hooks")
+
+# SD1.5 and SDXL UNet configurations as ComfyUI detects them (comfy/model_detection.py)
+FULL_UNETS = {
+    "sd15": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+             "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             "use_temporal_attention": False, "use_temporal_resblock": False},
+    "sdxl": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+             "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             "use_temporal_attention": False, "use_temporal_resblock": False},
+}
+
+
+def _setup_comfy(full_size: bool):
+    sys.path.insert(0, str(ROOT.parent))
+    try:
+        from comfy_selfnpo.comfyui_env import ensure_comfyui
+    except ImportError:  # running from a checkout that is not pip-installed
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("comfy_selfnpo", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["comfy_selfnpo"] = module
+        spec.loader.exec_module(module)
+        from comfy_selfnpo.comfyui_env import ensure_comfyui
+    ensure_comfyui(cpu=not full_size)
+
+
+def _build(kind: str, full_size: bool, seed: int = 0):
+    """(positive ModelPatcher, positive cond, negative cond, latent) for one architecture."""
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    gen = torch.Generator().manual_seed(seed)
+    if full_size:
+        config_cls = comfy.supported_models.SD15 if kind == "sd15" else comfy.supported_models.SDXL
+        config = config_cls(dict(FULL_UNETS[kind]))
+        config.set_inference_dtype(torch.float16, None)
+        device = comfy.model_management.get_torch_device()
+        model = config.get_model({}, device=device)
+        with torch.no_grad():
+            for p in model.diffusion_model.parameters():
+                if p.ndim >= 2:
+                    p.normal_(0, 1 / math.sqrt(p[0].numel()))
+                else:
+                    p.normal_(0, 0.02) if p.ndim == 1 else None
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=device,
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        context, pooled, size = FULL_UNETS[kind]["context_dim"], 1280, 128 if kind == "sdxl" else 64
+    else:
+        from comfy_selfnpo import tiny_models
+
+        patcher = tiny_models.build_model(kind, seed)
+        context = tiny_models.TINY_CONFIGS[kind].unet_config["context_dim"]
+        pooled, size = tiny_models.SDXL_POOLED_DIM, 16
+
+    def cond():
+        extra = {"pooled_output": torch.randn(1, pooled, generator=gen)} if kind == "sdxl" else {}
+        return [[torch.randn(1, 77, context, generator=gen), extra]]
+
+    return patcher, cond(), cond(), size
+
+
+def _npo_lora(patcher, rank: int, seed: int = 1):
+    """A random rank-`rank` LoRA on every attention projection, like the authors' NPO releases."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, w in patcher.model.state_dict().items():
+        if not key.startswith("diffusion_model.") or w.ndim != 2:
+            continue
+        if not any(key.endswith(f"{p}.weight") for p in ("to_q", "to_k", "to_v", "to_out.0")):
+            continue
+        stem = key[: -len(".weight")]
+        out[f"{stem}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=gen) / math.sqrt(w.shape[1])
+        out[f"{stem}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=gen) * 0.1 / math.sqrt(rank)
+        out[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def _weights_held(models) -> int:
+    seen, total = set(), 0
+    for m in models:
+        for t in list(m.parameters()) + list(m.buffers()):
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def run_route(route: str, kind: str, full_size: bool, steps: int, repeats: int, rank: int, queue) -> None:
+    _setup_comfy(full_size)
+    import torch
+    import comfy.hooks
+    import comfy.model_management
+    import nodes
+    from comfy_selfnpo.npo import guidance, weights
+
+    if not full_size:
+        # one thread: on a shared CPU, OpenMP threads spin-waiting for busy cores make timings swing 10x
+        torch.set_num_threads(1)
+    positive_model, pos_cond, neg_cond, size = _build(kind, full_size)
+    lora = _npo_lora(positive_model, rank)
+    cuda = full_size and torch.cuda.is_available()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        comfy.model_management.load_models_gpu([positive_model])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        alloc0 = torch.cuda.memory_allocated()
+
+    t0 = time.perf_counter()
+    model, negative = positive_model, neg_cond
+    held = [positive_model.model]
+    if route in ("npo_separate", "npo_batched"):
+        npo = weights.npo_weights_from_state_dict(lora, "bench-npo")
+        negative_model, _ = weights.make_negative_model(positive_model, npo)
+        model = guidance.apply_self_npo(positive_model, negative_model,
+                                        residency="separate" if route == "npo_separate" else "batched_lowrank")
+        plan = guidance.get_plan(model)
+        if plan.negative is not None:
+            held.append(plan.negative.model)
+    elif route == "comfy_hooks":
+        hooks = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=0.0)
+        negative = comfy.hooks.set_hooks_for_conditioning(neg_cond, hooks)
+    setup_s = time.perf_counter() - t0
+    extra_weights = sum(d.numel() * 4 for d in guidance.get_plan(model).deltas.values()) \
+        if route == "npo_batched" else 0
+
+    latent = {"samples": torch.zeros(1, 4, size, size)}
+
+    def sample():
+        (out,) = nodes.common_ksampler(model, 7, steps, 5.0, "euler", "normal", pos_cond, negative, latent,
+                                       disable_noise=False)
+        if cuda:
+            torch.cuda.synchronize()
+        return out["samples"]
+
+    with torch.inference_mode():
+        result = sample()  # warm-up: loads the models, builds caches
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            sample()
+            times.append((time.perf_counter() - t) / steps)
+    peak = (torch.cuda.max_memory_allocated() - alloc0) if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    queue.put({"route": route, "kind": kind, "step_s": statistics.median(times), "peak_bytes": int(peak),
+               "weights_bytes": _weights_held(held) + extra_weights, "setup_s": setup_s,
+               "latent": result.float().cpu().tolist()})  # plain data: no shared-memory handles
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-size", action="store_true", help="SD1.5/SDXL architectures on the GPU")
+    parser.add_argument("--kinds", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 10 tiny, 20 full)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=None,
+                        help="rank of the NPO LoRA (default 4 for the tiny models, whose layers are 32-64 wide; "
+                             "32 full-size, within the 8-64 of the authors' releases)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "guidance.json"))
+    args = parser.parse_args(argv)
+    steps = args.steps or (20 if args.full_size else 10)
+    args.rank = args.rank or (32 if args.full_size else 4)
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for kind in args.kinds:
+        results = {}
+        for route in ROUTES:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=run_route, args=(route, kind, args.full_size, steps, args.repeats, args.rank, queue))
+            proc.start()
+            results[route] = queue.get()
+            proc.join()
+        import torch
+
+        for r in results.values():
+            r["latent"] = torch.tensor(r["latent"])
+        base = results["plain_cfg"]
+        ref = results["npo_separate"]["latent"]
+        for route in ROUTES:
+            r = results[route]
+            diff = float((r["latent"] - ref).abs().max() / ref.abs().max())
+            rows.append({k: v for k, v in r.items() if k != "latent"} | {
+                "step_ratio": r["step_s"] / base["step_s"],
+                "peak_ratio": r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] > 0 else None,
+                "weights_ratio": r["weights_bytes"] / base["weights_bytes"],
+                "rel_diff_vs_npo_separate": diff})
+
+    device = "cuda" if args.full_size else "cpu"
+    header = f"{'model':5} {'route':13} {'ms/step':>9} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} " \
+             f"{'weights MiB':>11} {'x plain':>8} {'setup s':>8} {'rel.diff vs separate':>21}"
+    print(f"Self-NPO guidance cost ({'full-size' if args.full_size else 'tiny'} models, {device}, "
+          f"{steps} steps, NPO LoRA rank {args.rank})")
+    print(header)
+    for r in rows:
+        peak_ratio = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "n/a"
+        print(f"{r['kind']:5} {r['route']:13} {r['step_s'] * 1e3:9.2f} {r['step_ratio']:8.2f} "
+              f"{r['peak_bytes'] / 2**20:9.1f} {peak_ratio:>8} {r['weights_bytes'] / 2**20:11.1f} "
+              f"{r['weights_ratio']:8.2f} {r['setup_s']:8.2f} {r['rel_diff_vs_npo_separate']:21.2e}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"full_size": args.full_size, "device": device, "steps": steps, "rank": args.rank,
+                   "repeats": args.repeats, "rows": rows}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
