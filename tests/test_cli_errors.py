@@ -244,3 +244,26 @@ def test_bad_arguments(files, capsys):
     code, err = run(capsys, "--preset", "sd99")
     assert code == cli.EXIT_USAGE and "invalid choice" in err
     assert not (files / "out").exists()
+
+
+# ------------------------------------------------------------------ separate model files
+
+def test_separate_diffusion_model_and_vae_files_replace_the_checkpoint_parts(files, capsys, tiny):
+    import comfy.utils
+    from comfy_selfnpo.training.trainer import base_model_hash
+
+    other = tiny.build_checkpoint("sd15", seed=3)
+    comfy.utils.save_torch_file(other.model.model.diffusion_model.state_dict(), str(files / "unet.safetensors"))
+    comfy.utils.save_torch_file(other.vae.first_stage_model.state_dict(), str(files / "vae.safetensors"))
+    out = files / "out"
+    code, err = run(capsys, *base_args(files, out, steps=1), "--diffusion-model", files / "unet.safetensors",
+                    "--vae", files / "vae.safetensors")
+    assert code == cli.EXIT_OK, err
+    s = summary(out)
+    assert s["model"] == "checkpoint tiny.safetensors, diffusion model unet.safetensors, VAE vae.safetensors"
+    assert s["base_model_hash"] == base_model_hash(other.model)  # trained the separate UNet ...
+    assert s["base_model_hash"] != base_model_hash(tiny.build_model("sd15", seed=0))  # ... not the checkpoint's
+
+    (files / "bad_vae.safetensors").write_bytes(b"\x00" * 64)
+    code, err = run(capsys, *base_args(files, files / "out2"), "--vae", files / "bad_vae.safetensors")
+    assert code == cli.EXIT_INPUT and "cannot read the VAE" in err
