@@ -197,3 +197,23 @@ def test_train_node_rejects_bad_overrides_before_training(comfy_registry, comfy_
     with pytest.raises(OutputError, match="not usable"):
         SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, **train_inputs(output_name="../../x"))
     assert not run_dir(comfy_dirs).exists()
+
+
+def test_train_node_out_of_memory_saves_and_says_how_to_fit(comfy_registry, comfy_dirs, tiny, monkeypatch):
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+    from comfy_selfnpo.training.trainer import TDFTTrainer
+
+    real_step = TDFTTrainer.train_step
+
+    def step_then_oom(self):
+        if self.step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real_step(self)
+
+    monkeypatch.setattr(TDFTTrainer, "train_step", step_then_oom)
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="Out of memory.*LoRA preset.*batch_size"):
+        SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, **train_inputs(steps=3, save_every=0))
+    s = summary(comfy_dirs)
+    assert s["status"] == "out_of_memory" and s["step"] == 1
+    assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()

@@ -301,11 +301,11 @@ def write_demo_grid(loaded, negative_model, paths, settings, seeds=(0, 1)):
     from .previews import sample_cfg_and_npo
 
     rows, labels = [], []
-    for prompt in DEMO_PROMPTS[:2]:
+    for number, prompt in enumerate(DEMO_PROMPTS[:2], start=1):
         for seed in seeds:
             rows.append(list(sample_cfg_and_npo(loaded.model, negative_model, loaded.clip, loaded.vae,
                                                 prompt, seed, settings)))
-            labels.append(f"{prompt[:12]} s{seed}")
+            labels.append(f"prompt {number}, seed {seed}")
     grid = run_files.labelled_grid(rows, ["CFG", "NPO-CFG"], labels, scale=2)
     path = paths.run_dir / "demo_grid.png"
     run_files.save_png(path, grid)
@@ -353,6 +353,7 @@ def run(args) -> int:
         if args.demo:
             grid = write_demo_grid(loaded, trainer.negative_model(), paths, preview)
             result.summary["paths"]["demo_grid"] = str(grid)
+            result.summary["demo_prompts"] = DEMO_PROMPTS[:2]
             from .run_files import save_summary
 
             save_summary(paths.summary, result.summary)

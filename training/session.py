@@ -256,7 +256,7 @@ class TrainingSession:
             torch.cuda.empty_cache()
         try:
             path = self.trainer.save_checkpoint()
-            return f"A resumable checkpoint was saved to {path}; resume it with the smaller settings " \
-                   "that do not change the training math (or start a new run)."
+            return (f"A resumable checkpoint was saved to {path}: resume it with the same settings where more "
+                    "memory is free, or start a new run with smaller ones.")
         except Exception as e:  # memory may still be too tight to gather the state
             return f"No checkpoint could be saved ({type(e).__name__}); the last periodic one is kept."
