@@ -77,6 +77,11 @@ def test_lora_export_loads_through_comfyui_and_reproduces_the_trained_model(
     out = comfy_registry.NODE_CLASS_MAPPINGS["LoraModelLoader"].execute(model=ckpt.model, lora=lora, strength_model=1.0)
     _assert_reproduces(trainer, ckpt, out.result[0])
 
+    # the same LoRA run merged into a full offset (.diff on the adapted layers) loads the same way
+    offset = comfy.utils.load_torch_file(str(trainer.export(tmp_path / "offset.safetensors", format="offset")))
+    assert len(offset) == n_layers and all(k.endswith(".diff") for k in offset)
+    _assert_reproduces(trainer, ckpt, comfy.sd.load_lora_for_models(ckpt.model, None, offset, 1.0, 0)[0])
+
     meta = _metadata(path)
     assert meta["comfy_selfnpo.base_model_hash"] == trainer.base_hash
     assert meta["comfy_selfnpo.steps"] == "20" and meta["comfy_selfnpo.format"] == "lora"

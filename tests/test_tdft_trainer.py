@@ -314,3 +314,62 @@ def test_image_latents_are_cached_once(tiny, images, tmp_path, monkeypatch):
     # the cached latent is the VAE encoding of the cropped image in the model's latent space
     direct = ckpt.model.model.process_latent_in(original(images.load_image(1)[None]).float())
     torch.testing.assert_close(first._latents[1:2], direct)
+
+
+def test_out_of_memory_saves_a_resumable_checkpoint_of_the_state_before_the_step(tiny, images, tmp_path):
+    from comfy_selfnpo.training import OutOfMemory
+
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    opts = dict(mode="lora", learning_rate=1e-3, lora_rank=4, steps=3)
+    straight = _trainer(ckpt, images, tmp_path, "straight", **opts).train().losses
+    trainer = _trainer(ckpt, images, tmp_path, **opts)
+    trainer.train(steps=1)
+    real_student = trainer._student
+
+    def student_out_of_memory(*args):  # what torch raises when the device memory is exhausted
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer._student = student_out_of_memory
+    with pytest.raises(OutOfMemory, match="Lower batch_size") as info:
+        trainer.train()
+    assert info.value.checkpoint_path is not None and trainer.step == 1
+    trainer._student = real_student  # the same trainer can go on after freeing memory ...
+    assert trainer.train().losses == straight[1:]
+    resumed = _trainer(ckpt, images, tmp_path, "other", **opts)  # ... and so can a resumed one
+    resumed.load_checkpoint(info.value.checkpoint_path)
+    assert resumed.step == 1 and resumed.train().losses == straight[1:]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from comfy_selfnpo.training.checkpoint import atomic_write, save_torch
+
+    target = tmp_path / "ckpt" / "state.pt"
+    save_torch(target, {"step": 1})
+
+    def broken(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, broken)
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["state.pt"]
+
+
+def test_lora_targets_that_match_nothing_are_reported(tiny, images, tmp_path):
+    from comfy_selfnpo.training import TrainingError
+
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    with pytest.raises(TrainingError, match="matches no Linear/Conv2d layer"):
+        _trainer(ckpt, images, tmp_path, mode="lora", lora_targets="no_such_layer")
+    # a regex may also pick convolutions; they train and export as kohya conv LoRA
+    trainer = _trainer(ckpt, images, tmp_path, mode="lora", lora_targets=r"proj_in|attn2\.to_k",
+                       lora_rank=2, learning_rate=1e-2)
+    assert any(trainer.adapters.layers[k].is_conv for k in trainer.adapters.layers)
+    trainer.train(steps=2)
+    x, cond, base = _probe(trainer, ckpt)
+    trained = trainer.predict_x0(x, 2.0, cond)
+    assert (trained - base).abs().max() > 1e-5
+    torch.testing.assert_close(base_prediction(trainer.negative_model(), x, 2.0, cond), trained,
+                               rtol=1e-5, atol=1e-5)

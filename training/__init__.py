@@ -1,12 +1,23 @@
-"""TDFT training core (no node code). Names are imported lazily so that importing the package (and
-the CLI's argument parser) does not import torch or ComfyUI."""
+"""TDFT training core (no node code), shared by the training node, the CLI and the tests.
+
+    from comfy_selfnpo.training import ImageCaptionFolder, TDFTTrainer, make_config
+    config = make_config("lora-12gb", steps=500, resolution=512)        # or "sd15", "sdxl", ...
+    trainer = TDFTTrainer(model, clip, vae, ImageCaptionFolder("data/", 512), config, "runs/npo")
+    trainer.train(on_step=print, should_stop=lambda: False)            # resumable: load_checkpoint()
+    trainer.export("npo_lora.safetensors")                             # LoRA / offset / UNet file
+    negative = trainer.negative_model()                                # MODEL for the guider nodes
+
+Modules: config (TDFTConfig, PRESETS), data (image folder, prompts), tdft (the step math in
+ComfyUI terms), trajectories (data-free buffer), lora (adapters, gradient checkpointing), ema,
+checkpoint (atomic writes), trainer (TDFTTrainer), errors. Names are imported lazily so that
+importing the package (and the CLI's argument parser) does not import torch or ComfyUI."""
 from __future__ import annotations
 
 _EXPORTS = {
     "TDFTConfig": ".config", "PRESETS": ".config", "make_config": ".config",
     "ImageCaptionFolder": ".data", "PromptList": ".data", "read_prompts_file": ".data",
     "TDFTTrainer": ".trainer", "StepResult": ".trainer", "TrainResult": ".trainer",
-    "base_model_hash": ".trainer",
+    "base_model_hash": ".trainer", "OutOfMemory": ".errors",
     "TrainingError": ".errors", "DataError": ".errors", "NonFiniteLoss": ".errors",
     "ResumeMismatch": ".errors", "UnsupportedModel": ".errors", "TrainingCancelled": ".errors",
 }

@@ -23,6 +23,12 @@ class UnsupportedModel(TrainingError):
     """The model kind cannot be trained with TDFT (e.g. no discrete or flow noise schedule)."""
 
 
+class OutOfMemory(TrainingError):
+    """The device ran out of memory in a step; train() saved a resumable checkpoint of the state
+    before that step first (`checkpoint_path`)."""
+    checkpoint_path = None
+
+
 class TrainingCancelled(TrainingError):
     """Training stopped on request; a resumable checkpoint was saved first (see `checkpoint_path`)."""
 

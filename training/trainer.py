@@ -27,11 +27,12 @@ from .checkpoint import load_torch, save_safetensors, save_torch
 from .config import TDFTConfig
 from .data import EpochSampler, ImageCaptionFolder, PromptList
 from .ema import ema_update
-from .errors import (DataError, NonFiniteLoss, ResumeMismatch, TrainingCancelled,  # noqa: F401
-                     TrainingError, UnsupportedModel)
+from .errors import (DataError, NonFiniteLoss, OutOfMemory, ResumeMismatch,  # noqa: F401
+                     TrainingCancelled, TrainingError, UnsupportedModel)
 from .lora import LoRAAdapters, gradient_checkpointing
 
 _log = logging.getLogger("comfy_selfnpo.training")
+
 
 CHECKPOINT_FORMAT = "comfy_selfnpo.tdft_checkpoint"
 CHECKPOINT_VERSION = 1
@@ -418,6 +419,19 @@ class TDFTTrainer:
         self._sync()
         return float(loss.detach()), t1 - t0, time.perf_counter() - t1
 
+    def _draw_state(self):
+        """RNG and data position at the start of a step (restored when the step fails)."""
+        data = self.sampler.state_dict() if self.sampler is not None else self.buffer.state_dict()
+        return self.gen.get_state(), data
+
+    def _restore_draw_state(self, state) -> None:
+        rng, data = state
+        self.gen.set_state(rng)
+        if self.sampler is not None:
+            self.sampler.load_state_dict(data)
+        else:
+            self.buffer.load_state_dict(data)
+
     def train_step(self) -> StepResult:
         """One optimizer step (grad_accum micro-batches), then the EMA teacher update."""
         with torch.inference_mode(False):
@@ -427,6 +441,7 @@ class TDFTTrainer:
             params = self._trainable()
             losses, t_teacher, t_student = [], 0.0, 0.0
             self.optimizer.zero_grad(set_to_none=True)
+            before = self._draw_state()  # a failed step leaves the run as it was before it
             with self._attached():
                 try:
                     for _ in range(c.grad_accum):
@@ -434,9 +449,20 @@ class TDFTTrainer:
                         losses.append(loss)
                         t_teacher += tt
                         t_student += ts
-                except NonFiniteLoss:
+                except (NonFiniteLoss, KeyboardInterrupt):
                     self.optimizer.zero_grad(set_to_none=True)
+                    self._restore_draw_state(before)
                     raise
+                except torch.OutOfMemoryError as e:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._restore_draw_state(before)
+                    import comfy.model_management as mm
+                    mm.soft_empty_cache()
+                    raise OutOfMemory(
+                        f"out of memory in TDFT step {self.step + 1} (batch_size={c.batch_size}, "
+                        f"resolution={c.resolution}, mode={c.mode}). Lower batch_size (raise grad_accum to "
+                        "keep the effective batch), enable gradient_checkpointing, use mode='lora' or a "
+                        "'lora-*' preset, then resume from the checkpoint saved now.") from e
             t2 = time.perf_counter()
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -483,9 +509,11 @@ class TDFTTrainer:
                         on_step(result)
                     if self.config.save_every and self.step % self.config.save_every == 0:
                         self.save_checkpoint()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, OutOfMemory) as e:
             if self._prepared:
-                self.save_checkpoint()
+                path = self.save_checkpoint()
+                if isinstance(e, OutOfMemory):
+                    e.checkpoint_path = path
             raise
         return TrainResult(steps=self.step, losses=losses, seconds=time.perf_counter() - start,
                            peak_memory_bytes=_peak_memory(self.device))
