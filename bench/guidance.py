@@ -7,7 +7,8 @@ conditioning:
   npo_batched      Apply Self-NPO, residency batched_lowrank (one copy of the weights)
   comfy_hooks      ComfyUI's own route: the NPO LoRA as a weight hook on the negative conditioning
                    (exact, but not supported by the dynamic-VRAM memory manager)
-Each route runs in a fresh process (clean memory statistics). Reported: time per sampling step, peak
+Each route runs in a fresh process (clean memory statistics). Reported: time per sampling step (best
+of --repeats runs: the least disturbed by other processes on a shared CPU), peak
 memory (CUDA peak allocation on GPU, peak RSS growth on CPU), the weights held after setup, all as
 ratios to plain CFG, and each route's final latent against npo_separate (the routes must agree).
 
@@ -23,7 +24,6 @@ import math
 import multiprocessing as mp
 import os
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -187,7 +187,8 @@ def run_route(route: str, kind: str, full_size: bool, steps: int, repeats: int, 
             times.append((time.perf_counter() - t) / steps)
     peak = (torch.cuda.max_memory_allocated() - alloc0) if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    queue.put({"route": route, "kind": kind, "step_s": statistics.median(times), "peak_bytes": int(peak),
+    # best of the repeats: the run least disturbed by other processes
+    queue.put({"route": route, "kind": kind, "step_s": min(times), "peak_bytes": int(peak),
                "weights_bytes": _weights_held(held) + extra_weights, "setup_s": setup_s,
                "latent": result.float().cpu().tolist()})  # plain data: no shared-memory handles
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -237,8 +238,9 @@ def _check_supported(module, delta: LayerDelta) -> None:
 class _UncondRowsHooks:
     """Installs the forward hooks for one forward pass and counts what they did."""
 
-    def __init__(self, deltas: dict[str, LayerDelta]):
+    def __init__(self, deltas: dict[str, LayerDelta], measure: bool = True):
         self.deltas = deltas
+        self.measure = measure  # sum a few |changes| for the guard (a device sync): first forward only
         self.rows: list[slice] = []
         self.batch = 0
         self.fired = 0
@@ -255,7 +257,7 @@ class _UncondRowsHooks:
             for rows in self.rows:
                 d = _layer_output_delta(module, delta, x[rows])
                 output[rows] += d.to(output.dtype)
-                if self.fired < 8:  # a few magnitudes are enough for the guard
+                if self.measure and self.fired < 8:  # a few magnitudes are enough for the guard
                     self.changed += float(torch.as_tensor(d).abs().sum())
             self.fired += 1
             return output
@@ -293,6 +295,20 @@ def _uncond_slices(cond_or_uncond, batch: int) -> list[slice]:
 # ----------------------------------------------------------------------------------------------
 # separate residency: an independent module with the negative's patches baked in
 
+# negative ModelPatcher -> (its patches_uuid, independent copy): the guider and the apply node fed the
+# same negative model share one copy instead of holding two
+_SEPARATE_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def separate_negative_for(negative):
+    cached = _SEPARATE_COPIES.get(negative)
+    if cached is not None and cached[0] == negative.patches_uuid:
+        return cached[1].clone()
+    copy = materialize_independent_copy(negative)
+    _SEPARATE_COPIES[negative] = (negative.patches_uuid, copy)
+    return copy.clone()
+
+
 @torch.no_grad()
 def materialize_independent_copy(patcher):
     """A new ModelPatcher around a new BaseModel holding `patcher`'s effective weights (its patches
@@ -302,7 +318,7 @@ def materialize_independent_copy(patcher):
     if getattr(src, "concat_keys", None) is not None and hasattr(new, "concat_keys"):
         new.concat_keys = src.concat_keys
     state = {}
-    for key, value in src.state_dict().items():
+    for key in src.state_dict():
         raw = unpatched_weight(patcher, key)
         if key in patcher.patches:
             dtype = raw.dtype if raw.dtype.is_floating_point else torch.float32
@@ -313,8 +329,8 @@ def materialize_independent_copy(patcher):
     if unexpected or [k for k in missing if k.startswith("diffusion_model.")]:
         raise SelfNPOError(f"could not build a separate negative model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     new.to(patcher.offload_device)
-    copy = comfy.model_patcher.ModelPatcher(new, load_device=patcher.load_device,
-                                            offload_device=patcher.offload_device)
+    # the same patcher class as the original (ComfyUI's dynamic-VRAM patcher when that is in use)
+    copy = type(patcher)(new, load_device=patcher.load_device, offload_device=patcher.offload_device)
     copy.object_patches = dict(patcher.object_patches)  # e.g. a ModelSampling override
     return copy
 
@@ -391,7 +407,7 @@ class SelfNPOPlan:
         rows = _uncond_slices(transformer_options.get("cond_or_uncond", []), x.shape[0])
         if not rows:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        hooks = _UncondRowsHooks(self.deltas)
+        hooks = _UncondRowsHooks(self.deltas, measure=not self.verified)
         hooks.rows, hooks.batch = rows, x.shape[0]
         handles = hooks.install(executor.class_obj)
         try:
@@ -406,6 +422,9 @@ class SelfNPOPlan:
                     f"Self-NPO guard: the negative branch's weight changes did not act (hooks fired on "
                     f"{hooks.fired} of {len(self.deltas)} layers); refusing to run plain CFG. "
                     "Use residency 'separate'.")
+            if hooks.fired < len(self.deltas):
+                log.warning("Self-NPO: only %d of the %d layers the negative model changes ran in this "
+                            "forward pass (another patch skips layers?)", hooks.fired, len(self.deltas))
             self.verified = True
         return out
 
@@ -483,12 +502,18 @@ def apply_self_npo(model, negative_model, residency: str = "auto", rank: int | N
     mode = _choose_residency(model, negative_model, residency)
     plan = SelfNPOPlan(residency=mode)
     patched = model.clone()
+    # applying Self-NPO again replaces the earlier application instead of stacking on it
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KEY)
+    patched.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, KEY)
+    patched.remove_additional_models(KEY)
+    if get_plan(patched) is not None:
+        patched.model_options.pop("sampler_calc_cond_batch_function", None)
     if "sampler_calc_cond_batch_function" in patched.model_options:
         log.warning("Self-NPO replaces an earlier sampler_calc_cond_batch_function patch on this model")
     if mode == "separate":
         negative = negative_model
         if model.is_clone(negative_model):
-            negative = materialize_independent_copy(negative_model)
+            negative = separate_negative_for(negative_model)
         plan.guard = _separate_guard_keys(model, negative, negative_model)
         if not plan.guard:
             raise SelfNPOError("the negative model has the same weights as the positive model; "

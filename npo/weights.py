@@ -123,6 +123,9 @@ def detect_format(keys) -> str:
     keys = [k for k in keys if not _is_text_encoder_key(k)]
     if not keys:
         raise NPOFormatError("the file holds no UNet weights (only text-encoder keys, or nothing)")
+    if any(".hada_" in k or ".lokr_" in k for k in keys):
+        raise NPOFormatError("LyCORIS LoHa/LoKr files are not supported as NPO weights; use a LoRA "
+                             "(kohya or PEFT), a .diff offset or a full UNet")
     lora_hits = [k for k in keys if _strip_suffix(k, _LORA_SUFFIXES)]
     if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in lora_hits):
         return "kohya_lora"

@@ -9,6 +9,7 @@ import comfy.model_management
 import comfy.samplers
 import nodes
 
+from npo_setup import single_torch_thread  # noqa: F401  (autouse fixture)
 from npo_setup import (CFG, StepRecorder, guider_sample, hand_cfg, ksample, predict, rel_err, setup)
 from comfy_selfnpo.npo import guidance
 from comfy_selfnpo.npo.guidance import SelfNPOError, SelfNPOGuider, apply_self_npo, get_plan
@@ -25,8 +26,8 @@ def _run(path, s, negative_model, mode, recorder, cfg=CFG, **conds):
     return ksample(patched, s, cfg=cfg, **conds), get_plan(patched)
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-@pytest.mark.parametrize("path", ["guider", "ksampler"])
+@pytest.mark.parametrize("kind,path", [("sd15", "guider"), ("sd15", "ksampler"), ("sdxl", "guider"),
+                                       ("sdxl", "ksampler"), ("sd2", "ksampler"), ("flow", "ksampler")])
 def test_every_step_is_cfg_with_the_negative_model_on_the_uncond_branch(kind, path):
     s = setup(kind)
     negative_model = s.negative_model()
@@ -192,3 +193,93 @@ def test_batched_lowrank_reduces_full_rank_offsets_by_svd_and_reports_the_error(
         assert rel_err(step["denoised"], hand_cfg(s, step)) < 1e-4
     # auto keeps full-rank offsets exact by giving the negative its own weights
     assert get_plan(apply_self_npo(s.model, negative_model)).residency == "separate"
+
+
+def _tiny_controlnet(s):
+    """A tiny ControlNet for the tiny UNet, built the way ComfyUI's loader builds one."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    from comfy_selfnpo import tiny_models
+
+    config = dict(s.model.model.model_config.unet_config)
+    config.pop("out_channels")
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                  device=torch.device("cpu"))
+    control_model = tiny_models.seeded_init_(comfy.cldm.cldm.ControlNet(**config), seed=9)
+    with torch.no_grad():  # zero-initialised output convs in real training; random here so it acts
+        for p in control_model.zero_convs.parameters():
+            p.mul_(3.0)
+    return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"))  # pixel hints
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_controlnet_reaches_the_negative_model(mode):
+    s = setup("sd15")
+    control = _tiny_controlnet(s)
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(s.positive, s.negative, control, hint,
+                                                                          0.8, 0.0, 1.0)
+    checks = []
+
+    def hand_inside_the_step(args):
+        # the control object is live only during sampling: compute the hand values right here
+        step = {"x": args["input"], "sigma": args["sigma"], "cond": args["cond"], "uncond": args["uncond"]}
+        assert all("control" in c for c in step["uncond"])
+        expected = hand_cfg(s, step)
+        without = hand_cfg(s, dict(step, uncond=[{k: v for k, v in c.items() if k != "control"} for c in step["uncond"]]))
+        checks.append((rel_err(args["denoised"], expected), rel_err(without - step["x"], expected - step["x"])))
+        return args["denoised"]
+
+    model = s.model.clone()
+    model.set_model_sampler_post_cfg_function(hand_inside_the_step)
+    ksample(apply_self_npo(model, s.negative_model(), residency=mode), s, positive=positive, negative=negative)
+    assert len(checks) == 4
+    for err, control_effect in checks:
+        assert err < 1e-4
+        assert control_effect > 1e-3  # the ControlNet really changes the negative branch
+
+
+def test_guider_and_apply_share_one_separate_copy_and_reapplying_replaces():
+    s = setup("sd15")
+    negative_model = s.negative_model()
+    a = apply_self_npo(s.model, negative_model, residency="separate")
+    b = SelfNPOGuider(s.model, negative_model, residency="separate")
+    assert get_plan(a).negative.model is b.plan.negative.model  # one extra model of memory, not two
+    assert get_plan(a).negative.model is not s.model.model
+    once = ksample(apply_self_npo(s.model, negative_model, residency="batched_lowrank"), s)
+    twice = apply_self_npo(apply_self_npo(s.model, negative_model, residency="batched_lowrank"),
+                           negative_model, residency="separate")
+    assert twice.get_additional_models_with_key(guidance.KEY) and not twice.get_wrappers(
+        "apply_model", guidance.KEY)
+    assert rel_err(ksample(twice, s), once) < 1e-4
+
+
+def test_separate_negative_is_loaded_by_comfyui_together_with_the_positive():
+    s = setup("sdxl")
+    patched = apply_self_npo(s.model, s.negative_model(), residency="separate")
+    seen = []
+
+    def loaded_modules(args):
+        seen.append({id(m.model.model) for m in comfy.model_management.current_loaded_models if m.model is not None})
+        return args["denoised"]
+
+    patched.set_model_sampler_post_cfg_function(loaded_modules)
+    ksample(patched, s)
+    negative_module = get_plan(patched).negative.model
+    assert seen and all({id(s.model.model), id(negative_module)} <= ids for ids in seen)
+
+
+def test_batched_and_separate_agree_on_a_batch_of_two_latents():
+    s = setup("sd15")
+    negative_model = s.negative_model()
+    import nodes as comfy_nodes
+
+    outs = {}
+    for mode in MODES:
+        (out,) = comfy_nodes.common_ksampler(apply_self_npo(s.model, negative_model, residency=mode), 3, 4, CFG,
+                                             "euler", "normal", s.positive, s.negative,
+                                             {"samples": torch.zeros(2, 4, 8, 8)})
+        outs[mode] = out["samples"]
+    assert outs["separate"].shape[0] == 2 and rel_err(outs["separate"][0], outs["separate"][1]) > 1e-3
+    assert rel_err(outs["batched_lowrank"], outs["separate"]) < 1e-4

@@ -8,6 +8,7 @@ import torch
 import comfy.sd
 
 import npo_files
+from npo_setup import single_torch_thread  # noqa: F401  (autouse fixture)
 from comfy_selfnpo.npo import weights
 from comfy_selfnpo.npo.weights import NPOFormatError, effective_weight, load_npo_file, make_negative_model
 
@@ -139,6 +140,9 @@ def test_unreadable_and_unknown_files_and_missing_base_give_clear_errors(tiny, t
     path = npo_files.write(tmp_path / "vae.safetensors", {"encoder.conv_in.weight": torch.zeros(2, 2)})
     with pytest.raises(NPOFormatError, match="unrecognised NPO weight file"):
         load_npo_file(path)
+    loha = npo_files.write(tmp_path / "loha.safetensors", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2)})
+    with pytest.raises(NPOFormatError, match="LoHa/LoKr files are not supported"):
+        load_npo_file(loha)
     npo = weights.npo_weights_from_state_dict(npo_files.kohya_state_dict(npo_files.make_npo_offset(model), model))
     with pytest.raises(ValueError, match="needs the base model"):
         make_negative_model(model, npo, merge_weight=0.5)
