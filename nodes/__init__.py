@@ -15,7 +15,7 @@ log = logging.getLogger("comfy_selfnpo")
 # Every node ID of the pack starts with this prefix; IDs are stable once released.
 NODE_ID_PREFIX = "SelfNPO"
 
-NODE_MODULES: list[str] = ["negative_model", "guidance"]
+NODE_MODULES: list[str] = ["negative_model", "guidance", "train"]
 
 
 def load_node_classes() -> list[type[io.ComfyNode]]:

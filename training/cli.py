@@ -1,23 +1,433 @@
-"""`comfy-selfnpo-train`: headless Self-NPO (TDFT) training on a checkpoint ComfyUI can load."""
+"""`comfy-selfnpo-train`: headless Self-NPO (TDFT) training on a checkpoint ComfyUI can load.
+
+Loads the model through ComfyUI's own loaders and memory management without starting the server
+(GPU when present, CPU otherwise), trains with `TDFTTrainer` through the same `TrainingSession` the
+node uses, and leaves in the output folder: the weights, a resumable checkpoint, loss.csv, loss.png,
+preview PNGs and summary.json.
+
+Exit status: 0 success; 1 unexpected error (a bug: please report it); 2 bad arguments or config;
+3 unusable input (model file, data, resume mismatch); 4 the loss became NaN/inf; 5 out of memory;
+6 cannot write the output; 130 / 143 stopped by SIGINT (Ctrl+C) / SIGTERM after saving a resumable
+checkpoint.
+
+Test/demo only: with COMFY_SELFNPO_TINY_MODELS=1 in the environment the tiny model configs of
+`tiny_models.py` are registered with ComfyUI's detector, so the tiny checkpoints the test suite
+writes load like real ones. Never needed for real checkpoints.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import os
+import signal
 import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_WRITE = 0, 1, 2, 3, 4, 5, 6
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+TINY_MODELS_ENV = "COMFY_SELFNPO_TINY_MODELS"
+
+DEMO_PROMPTS = ["a red cube on a table", "a portrait of an old sailor", "a mountain lake at dawn",
+                "a bowl of fruit, oil painting"]
+# The demo trains a LoRA on the built-in tiny SD1.5 model: big enough to show the whole pipeline
+# (data-free TDFT, export, CFG vs NPO-CFG), small enough for a laptop CPU in about a minute.
+DEMO_OVERRIDES = dict(mode="lora", teacher="base", lora_rank=4, lora_alpha=4.0, lora_targets="attn",
+                      learning_rate=1e-3, weight_decay=0.0, batch_size=2, grad_accum=1, steps=60,
+                      resolution=64, trajectory_buffer=8, mixed_precision="no",
+                      gradient_checkpointing=False, output_format="lora")
+
+log = logging.getLogger("comfy_selfnpo.cli")
+
+
+class UsageError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ arguments
+
+def _config_fields():
+    from .config import TDFTConfig
+
+    return [(f.name, type(f.default), f.default) for f in dataclasses.fields(TDFTConfig)]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
     parser = argparse.ArgumentParser(
         prog="comfy-selfnpo-train",
         description="Train a Self-NPO negative model with truncated diffusion fine-tuning (TDFT), "
-                    "using ComfyUI's loaders and memory management, without starting the server.")
+                    "using ComfyUI's loaders and memory management, without starting the server.",
+        epilog="Every hyper-parameter flag defaults to the preset's value (or the TDFT default). "
+               "Precedence: flags > --config file > --preset > defaults. Exit status: 0 success, "
+               "1 unexpected error, 2 bad arguments, 3 unusable input (model, data, resume mismatch), "
+               "4 NaN/inf loss, 5 out of memory, 6 output not writable / disk full, 130/143 stopped "
+               "by SIGINT/SIGTERM (a resumable checkpoint was saved; rerun with --resume).",
+    )
+    model = parser.add_argument_group("model (loaded with ComfyUI's loaders)")
+    model.add_argument("--checkpoint", "--ckpt", help="single-file checkpoint (SD1.5, SDXL, ...) with MODEL, CLIP and VAE")
+    model.add_argument("--diffusion-model", help="diffusion model (UNet) file; replaces the checkpoint's")
+    model.add_argument("--text-encoder", action="append", help="text encoder file (repeat for SDXL: CLIP-L and CLIP-G)")
+    model.add_argument("--clip-type", help="ComfyUI CLIPType for --text-encoder (default stable_diffusion, "
+                       "which also covers SD2 and SDXL)")
+    model.add_argument("--vae", help="VAE file (needed for --data images when the checkpoint has none)")
+    data = parser.add_argument_group("data (one of)")
+    data.add_argument("--data", help="folder of images with same-name .txt captions (kohya layout)")
+    data.add_argument("--prompts", help="text file, one prompt per line (data-free mode)")
+    data.add_argument("--caption-extension", help="caption file extension (default .txt)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", "-o", help="run folder: weights, checkpoint, logs, previews (default ./selfnpo-run, "
+                     "./selfnpo-demo with --demo)")
+    out.add_argument("--name", help="weights file name without extension (default self_npo)")
+    out.add_argument("--resume", action="store_true", default=None,
+                     help="continue the checkpoint in the output folder (same model and hyper-parameters)")
+    out.add_argument("--preview-every", type=int, help="sample CFG vs NPO-CFG previews every N steps (0 = never)")
+    out.add_argument("--preview-prompt", help="prompt of the previews (default: the first prompt/caption)")
+    out.add_argument("--preview-steps", type=int, help="sampling steps of a preview (default 20)")
+    out.add_argument("--preview-cfg", type=float, help="CFG scale of the previews (default 7.0)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", help="TOML file with any of these options (names with _ or -), for repeatable runs")
+    run.add_argument("--preset", choices=sorted(PRESETS), help="hyper-parameter preset: sd15/sdxl as published, "
+                     "lora-8gb/12gb/16gb/24gb sized for consumer GPUs")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): the GPU ComfyUI finds, else CPU")
+    run.add_argument("--demo", action="store_true", default=None,
+                     help="train a Self-NPO LoRA on a built-in tiny model and write a CFG vs NPO-CFG grid")
+    run.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    run.add_argument("--verbose", "-v", action="store_true", default=None, help="log what the trainer does")
+    hp = parser.add_argument_group("hyper-parameters (TDFTConfig; see README)")
+    for name, kind, default in _config_fields():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            hp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+        else:
+            hp.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=f"(default {default})")
+    hp.add_argument("--lr", dest="learning_rate", type=float, default=None, help="alias of --learning-rate")
+    parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})
     return parser
 
 
+def _hyper_parameter_names() -> set[str]:
+    return {name for name, _, _ in _config_fields()}
+
+
+def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill options not given on the command line from the --config TOML file."""
+    if not args.config:
+        return
+    import tomllib
+
+    from .settings import check_overrides
+
+    path = Path(args.config).expanduser()
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--config file not found: {str(path)!r}") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"--config {str(path)!r} is not valid TOML: {e}") from None
+    flat = {}
+    for key, value in values.items():  # allow [hyperparameters]-style tables too
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    dests = {a.dest for a in parser._actions} - {"help", "config"}
+    for key, value in flat.items():
+        dest = key.replace("-", "_")
+        if dest not in dests:
+            raise UsageError(f"--config {str(path)!r}: unknown option {key!r}")
+        if dest in _hyper_parameter_names():
+            try:
+                value = check_overrides({dest: value})[dest]
+            except ValueError as e:
+                raise UsageError(f"--config {str(path)!r}: {e}") from None
+        if dest == "text_encoder" and isinstance(value, str):
+            value = [value]
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+
+
+def _check_args(args) -> None:
+    if args.data and args.prompts:
+        raise UsageError("give either --data DIR or --prompts FILE, not both")
+    if not args.demo:
+        if not (args.data or args.prompts):
+            raise UsageError("no training data: pass --data DIR (images + captions) or --prompts FILE")
+        if not (args.checkpoint or args.diffusion_model):
+            raise UsageError("no model: pass --checkpoint FILE, or --diffusion-model FILE with --text-encoder FILE")
+    for name in ("preview_every", "preview_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+
+
+# ------------------------------------------------------------------ signals and progress
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the trainer to stop at the next step boundary (it then saves a resumable
+    checkpoint); a second signal interrupts at once (the trainer still saves on KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\ncomfy-selfnpo-train: {signal.Signals(signum).name} received; stopping after this step "
+              "and saving a resumable checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handler, Ctrl+C raises KeyboardInterrupt
+                pass
+        return self
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class ProgressBar:
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            desc="TDFT", smoothing=0.1)
+
+    def __call__(self, progress) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{progress.loss:.4g}", lr=f"{progress.lr:.2g}", refresh=False)
+            self.bar.update(progress.step - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------ the run
+
+def _setup_logging(verbose: bool):
+    """Pack messages (data warnings, resume notes) to stderr; returns a function that puts the
+    logger back as it was (main() may run in-process, e.g. under the test suite)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("comfy-selfnpo-train: %(levelname)s: %(message)s"))
+    pack = logging.getLogger("comfy_selfnpo")
+    saved = (pack.level, pack.propagate)
+    pack.addHandler(handler)
+    pack.setLevel(logging.INFO if verbose else logging.WARNING)
+    pack.propagate = False
+
+    def restore():
+        pack.removeHandler(handler)
+        pack.setLevel(saved[0])
+        pack.propagate = saved[1]
+    return restore
+
+
+def _init_comfyui(device: str) -> None:
+    from ..comfyui_env import ensure_comfyui
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
+    if "comfy.model_management" not in sys.modules:  # else: already inside ComfyUI (or the tests)
+        ensure_comfyui(cpu={"cpu": True, "cuda": False}.get(device))
+    import comfy.model_management  # noqa: F401  decides CPU/GPU now
+
+    if os.environ.get(TINY_MODELS_ENV) == "1":
+        from .. import tiny_models
+
+        tiny_models.register_tiny_model_configs()
+    from ..model_folders import register_self_npo_folder
+
+    register_self_npo_folder()
+
+
+def _config_from_args(args):
+    from .settings import build_config
+
+    overrides = {name: getattr(args, name) for name in _hyper_parameter_names()}
+    if args.demo:
+        overrides = {**DEMO_OVERRIDES, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return build_config(args.preset, overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _load(args):
+    if args.demo:
+        from .. import tiny_models
+        from .model_loading import LoadedModels
+
+        ckpt = tiny_models.build_checkpoint("sd15", seed=0)
+        return LoadedModels(ckpt.model, ckpt.clip, ckpt.vae, "built-in tiny SD1.5 model (demo)")
+    from .model_loading import load_checkpoint, load_parts
+
+    if args.checkpoint and not (args.diffusion_model or args.text_encoder or args.vae):
+        return load_checkpoint(args.checkpoint)
+    return load_parts(args.diffusion_model, args.text_encoder or (), args.vae,
+                      args.clip_type or "stable_diffusion", checkpoint=args.checkpoint)
+
+
+def _data(args, config):
+    from .data import ImageCaptionFolder, PromptList, read_prompts_file
+
+    if args.demo and not (args.data or args.prompts):
+        return PromptList(DEMO_PROMPTS)
+    if args.prompts:
+        return PromptList(read_prompts_file(args.prompts))
+    return ImageCaptionFolder(args.data, config.resolution, caption_extension=args.caption_extension or ".txt")
+
+
+def write_demo_grid(loaded, negative_model, paths, settings, seeds=(0, 1)):
+    """Rows: demo prompts x seeds; columns: CFG | NPO-CFG with the same seed."""
+    from . import run_files
+    from .previews import sample_cfg_and_npo
+
+    rows, labels = [], []
+    for number, prompt in enumerate(DEMO_PROMPTS[:2], start=1):
+        for seed in seeds:
+            rows.append(list(sample_cfg_and_npo(loaded.model, negative_model, loaded.clip, loaded.vae,
+                                                prompt, seed, settings)))
+            labels.append(f"prompt {number}, seed {seed}")
+    grid = run_files.labelled_grid(rows, ["CFG", "NPO-CFG"], labels, scale=2)
+    path = paths.run_dir / "demo_grid.png"
+    run_files.save_png(path, grid)
+    return path
+
+
+def run(args) -> int:
+    from .errors import DataError, NonFiniteLoss, ResumeMismatch, TrainingCancelled, TrainingError, UnsupportedModel
+    from .model_loading import ModelLoadError
+    from .previews import PreviewSettings
+    from .run_files import RunPaths
+    from .session import OutputError, SessionOptions, TrainingOutOfMemory, TrainingSession, check_run_name
+
+    import torch
+
+    config = _config_from_args(args)
+    output = Path(args.output or ("selfnpo-demo" if args.demo else "selfnpo-run")).expanduser().resolve()
+    try:
+        name = check_run_name(args.name or "self_npo")
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    paths = RunPaths(run_dir=output, weights=output / f"{name}.safetensors")
+    preview = PreviewSettings(steps=args.preview_steps or (10 if args.demo else 20),
+                              cfg=args.preview_cfg if args.preview_cfg is not None else 7.0,
+                              size=config.resolution)
+    stop = StopRequest()
+    bar = None
+    session = None
+    try:
+        loaded = _load(args)
+        data = _data(args, config)
+        print(f"comfy-selfnpo-train: {loaded.description}; {len(data)} {'images' if args.data else 'prompts'}; "
+              f"{config.mode} mode, {config.steps} steps; output {output}", file=sys.stderr, flush=True)
+        options = SessionOptions(resume=bool(args.resume), require_resume=bool(args.resume), refuse_existing=True,
+                                 preview_every=args.preview_every or 0, preview_prompt=args.preview_prompt or "",
+                                 preview_seed=config.seed, preview_settings=preview, should_stop=stop,
+                                 extra_summary={"model": loaded.description, "command": sys.argv[1:]})
+        session = TrainingSession(loaded.model, loaded.clip, loaded.vae, data, config, paths, options)
+        stop.install()
+        trainer = session.prepare()
+        bar = ProgressBar(config.steps, trainer.step, enabled=not args.no_progress)
+        options.on_step = bar
+        result = session.run()
+        bar.close()
+        if args.demo:
+            grid = write_demo_grid(loaded, trainer.negative_model(), paths, preview)
+            result.summary["paths"]["demo_grid"] = str(grid)
+            result.summary["demo_prompts"] = DEMO_PROMPTS[:2]
+            from .run_files import save_summary
+
+            save_summary(paths.summary, result.summary)
+            print(f"comfy-selfnpo-train: demo grid (CFG vs NPO-CFG, same seeds): {grid}", file=sys.stderr)
+        print(f"comfy-selfnpo-train: finished {result.steps} steps in {result.seconds:.1f} s; "
+              f"weights {result.weights}; summary {paths.summary}", file=sys.stderr, flush=True)
+        print(result.weights)
+        return EXIT_OK
+    except TrainingCancelled as e:
+        print(f"comfy-selfnpo-train: {e}. Continue with the same command plus --resume.", file=sys.stderr)
+        return EXIT_SIGNAL.get(stop.signum, 130)
+    except KeyboardInterrupt:
+        print("comfy-selfnpo-train: interrupted; the trainer saved a resumable checkpoint if it had started "
+              "(continue with --resume).", file=sys.stderr)
+        return 130
+    except TrainingOutOfMemory as e:
+        print(f"comfy-selfnpo-train: {e}", file=sys.stderr)
+        return EXIT_OOM
+    except NonFiniteLoss as e:
+        print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except OutputError as e:
+        print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
+        return EXIT_WRITE
+    except torch.OutOfMemoryError as e:  # while loading, before the session could catch it
+        from .session import OOM_HINT
+
+        print(f"comfy-selfnpo-train: {OOM_HINT} ({str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
+        return EXIT_OOM
+    except (ModelLoadError, UnsupportedModel, DataError, ResumeMismatch) as e:
+        print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except TrainingError as e:
+        print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as e:  # e.g. a log file could not be written
+        from .session import describe_os_error
+
+        print(f"comfy-selfnpo-train: error: {describe_os_error(e, 'the run files')}", file=sys.stderr)
+        return EXIT_WRITE
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    started = time.perf_counter()
+    restore_logging = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        apply_toml(args, parser)
+        _check_args(args)
+        restore_logging = _setup_logging(bool(args.verbose))
+        _init_comfyui(args.device or "auto")
+        code = run(args)
+    except SystemExit as e:  # argparse: --help (0) or bad flags (2)
+        return int(e.code or 0)
+    except UsageError as e:
+        print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print("comfy-selfnpo-train: unexpected error (a bug; please report it with the traceback above)",
+              file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        if restore_logging is not None:
+            restore_logging()
+    log.info("done in %.1f s", time.perf_counter() - started)
+    return code
 
 
 if __name__ == "__main__":

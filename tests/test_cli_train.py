@@ -1,0 +1,150 @@
+"""`comfy-selfnpo-train` end to end, as a user runs it: a subprocess of the installed console script
+on a tiny checkpoint written to disk with ComfyUI's own saver."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import comfy.sd
+from cli_setup import (TINY_HPARAMS, run_cli, start_cli, summary, uncond_prediction, weights,
+                       write_prompts)
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from comfy_selfnpo import tiny_models
+
+    folder = tmp_path_factory.mktemp("cli")
+    tiny_models.save_checkpoint(str(folder / "tiny_sd15.safetensors"), "sd15", seed=0)
+    write_prompts(folder)
+    return folder
+
+
+def train_args(workdir: Path, out: Path, *extra) -> list[str]:
+    return ["--checkpoint", workdir / "tiny_sd15.safetensors", "--prompts", workdir / "prompts.txt",
+            *TINY_HPARAMS, "--steps", STEPS, "--save-every", 2, "--seed", 5, "--output", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    out = workdir / "full"
+    proc = run_cli(train_args(workdir, out, "--preview-every", 4, "--preview-steps", 3, "--name", "neg"))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_cli_trains_a_tiny_checkpoint_and_writes_every_run_file(full_run):
+    out, proc = full_run
+    weights_path = out / "neg.safetensors"
+    assert proc.stdout.strip().splitlines()[-1] == str(weights_path)  # scripts can capture the path
+    s = summary(out)
+    assert s["status"] == "finished" and s["step"] == STEPS and s["steps"] == STEPS
+    assert s["paths"]["weights"] == str(weights_path) and weights_path.is_file()
+    assert s["peak_memory_bytes"] > 0 and s["seconds"] > 0
+    assert s["config"]["mode"] == "lora" and s["config"]["learning_rate"] == 1e-3  # flag beat the preset
+    with open(out / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    losses = [float(r["loss"]) for r in rows]
+    assert all(torch.isfinite(torch.tensor(losses))) and s["final_loss"] == pytest.approx(losses[-1])
+    assert Image.open(out / "loss.png").size == (640, 360)
+    previews = sorted(p.name for p in (out / "previews").glob("*.png"))
+    assert previews == ["step_000004.png", "step_000008.png"]
+    # a preview is CFG | NPO-CFG of the same seed: the two halves differ once the LoRA is trained
+    grid = torch.from_numpy(np.asarray(Image.open(out / "previews" / "step_000008.png").convert("L"), dtype=np.float32))
+    assert grid.std() > 0
+    assert (out / "checkpoint" / "state.pt").is_file()
+    assert "TDFT" in proc.stderr or "finished" in proc.stderr
+
+
+def test_cli_weights_load_through_comfyui_lora_loader_and_the_negative_model_loader(full_run, workdir, tiny, comfy_dirs,
+                                                                                    comfy_registry):
+    out, _ = full_run
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(workdir / "tiny_sd15.safetensors"))
+    lora = comfy.utils.load_torch_file(str(out / "neg.safetensors"))
+    # ComfyUI's LoRA loader (what LoraLoader runs): every key must be applied
+    lora_model, _ = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 0.0)
+    applied = set(lora_model.patches)
+    assert len(applied) == sum(1 for k in lora if k.endswith(".lora_down.weight")) > 0
+    # the pack's loader node, from the self_npo models folder
+    shutil.copy(out / "neg.safetensors", comfy_dirs["self_npo"] / "neg.safetensors")
+    from comfy_selfnpo.nodes.negative_model import SelfNPONegativeModelLoader, list_npo_files
+
+    assert "self_npo/neg.safetensors" in list_npo_files()
+    negative = SelfNPONegativeModelLoader.execute(model, "self_npo/neg.safetensors", 1.0, 0.0).result[0]
+
+    base_pred = uncond_prediction(model, clip)
+    lora_pred = uncond_prediction(lora_model, clip)
+    npo_pred = uncond_prediction(negative, clip)
+    change = (lora_pred - base_pred).abs().max()
+    assert change > 1e-4, "the trained weights do not change the unconditional prediction"
+    assert torch.allclose(npo_pred, lora_pred, atol=1e-5 + 1e-3 * float(change))  # same weights either way
+    assert torch.equal(uncond_prediction(model, clip), base_pred)  # the base MODEL was left alone
+
+
+def test_cli_sigint_then_resume_gives_the_uninterrupted_weights(full_run, workdir):
+    out_full, _ = full_run
+    out = workdir / "interrupted"
+    proc = start_cli(train_args(workdir, out, "--name", "neg"))
+    deadline = time.monotonic() + 180
+    while not (out / "checkpoint" / "state.pt").is_file():  # first periodic save (step 2)
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "SIGINT received" in stderr and "--resume" in stderr
+    s = summary(out)
+    assert s["status"] == "cancelled" and 2 <= s["step"] < STEPS, s
+    assert not (out / "neg.safetensors").exists()  # no half-finished export pretending to be done
+
+    resumed = run_cli(train_args(workdir, out, "--name", "neg", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(out)["resumed_from_step"] == s["step"]
+    a, b = weights(out_full / "neg.safetensors"), weights(out / "neg.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with open(out / "loss.csv") as f1, open(out_full / "loss.csv") as f2:
+        resumed_losses = [float(r["loss"]) for r in csv.DictReader(f1)]
+        full_losses = [float(r["loss"]) for r in csv.DictReader(f2)]
+    assert resumed_losses == full_losses  # resume is not off by one
+
+
+def test_cli_demo_shortened_writes_grid_and_weights(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli(["--demo", "--steps", 3, "--trajectory-buffer", 2, "--no-progress", "--output", out])
+    assert proc.returncode == 0, proc.stderr
+    s = summary(out)
+    assert s["status"] == "finished" and s["step"] == 3
+    grid_path = Path(s["paths"]["demo_grid"])
+    assert grid_path == out / "demo_grid.png"
+    tensors = weights(out / "self_npo.safetensors")
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in tensors.items())
+    meta = json.loads(__import__("safetensors").safe_open(str(out / "self_npo.safetensors"), "pt").metadata()["comfy_selfnpo.config"])
+    assert meta["mode"] == "lora"
+    from comfy_selfnpo.training.run_files import grid_cell_box
+
+    grid = Image.open(grid_path).convert("RGB")
+    cell = 128  # 64 px demo images at scale 2
+    rows = (grid.height - 18 - 4) // (cell + 4)
+    assert rows == 4  # two prompts x two seeds
+    differs = 0
+    for r in range(rows):
+        cfg = torch.from_numpy(np.asarray(grid.crop(grid_cell_box(r, 0, cell, cell, True)), dtype=np.float32))
+        npo = torch.from_numpy(np.asarray(grid.crop(grid_cell_box(r, 1, cell, cell, True)), dtype=np.float32))
+        assert cfg.std() > 0 and npo.std() > 0
+        differs += int((cfg - npo).abs().max() > 0)
+    assert differs >= 1  # NPO-CFG is not plain CFG

@@ -1,0 +1,219 @@
+"""'Self-NPO Train (TDFT)' inside ComfyUI: run by ComfyUI's executor (under torch.inference_mode()),
+reporting progress with previews, feeding its MODEL output to the Self-NPO guider in the same
+workflow, resuming by name, and turning a cancel into a resumable checkpoint + ComfyUI's interrupt."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import comfy.model_management
+import comfy.utils
+from cli_setup import TINY_OVERRIDES_TEXT, PROMPTS
+
+NAME = "node_run"
+
+
+class _ServerStub:
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+class ProgressRecorder:
+    """Stands in for the server's progress hook (main.py's hijack_progress), which also raises
+    InterruptProcessingException when the user pressed cancel."""
+
+    def __init__(self, cancel_at: int | None = None):
+        self.calls = []
+        self.cancel_at = cancel_at
+        self.cancelled_at = None
+
+    def __call__(self, value, total, preview, node_id=None, prompt_id=None):
+        self.calls.append((value, total, preview, torch.is_inference_mode_enabled()))
+        if self.cancel_at is not None and value >= self.cancel_at and self.cancelled_at is None:
+            self.cancelled_at = value  # (ProgressBar throttles: the first report at or after cancel_at)
+            comfy.model_management.interrupt_current_processing()  # the user presses cancel
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+@pytest.fixture
+def progress():
+    recorder = ProgressRecorder()
+    comfy.utils.set_progress_bar_global_hook(recorder)
+    yield recorder
+    comfy.utils.set_progress_bar_global_hook(None)
+    comfy.model_management.interrupt_current_processing(False)
+
+
+def train_inputs(**changes) -> dict:
+    inputs = dict(data_folder="", prompts="\n".join(PROMPTS), preset="lora-8gb", steps=3, learning_rate=1e-3,
+                  lora_rank=4, teacher="preset", seed=3, output_name=NAME, save_every=2, preview_every=0,
+                  overrides=TINY_OVERRIDES_TEXT)
+    inputs.update(changes)
+    return inputs
+
+
+def run_dir(comfy_dirs) -> Path:
+    return comfy_dirs["output"] / "self_npo_training" / NAME
+
+
+def summary(comfy_dirs) -> dict:
+    return json.loads((run_dir(comfy_dirs) / "summary.json").read_text())
+
+
+def test_train_node_in_a_workflow_feeds_the_guider(comfy_registry, comfy_dirs, tiny, progress):
+    import execution
+
+    tiny.save_checkpoint(str(comfy_dirs["checkpoints"] / "tiny.safetensors"), "sd15", seed=0)
+    sample = lambda guider, prefix: {  # noqa: E731
+        f"{prefix}_s": {"class_type": "SamplerCustomAdvanced",
+                        "inputs": {"noise": ["noise", 0], "guider": [guider, 0], "sampler": ["sampler", 0],
+                                   "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}},
+        f"{prefix}_save": {"class_type": "SaveLatent", "inputs": {"samples": [f"{prefix}_s", 0], "filename_prefix": prefix}},
+    }
+    prompt = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "train": {"class_type": "SelfNPOTrainTDFT",
+                  "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2],
+                             **train_inputs(preview_every=3)}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red cube"}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
+        "npo_guider": {"class_type": "SelfNPOCFGGuider",
+                       "inputs": {"model": ["ckpt", 0], "negative_model": ["train", 0], "positive": ["pos", 0],
+                                  "negative": ["neg", 0], "cfg": 5.0, "residency": "auto", "rank": 0}},
+        "cfg_guider": {"class_type": "CFGGuider",
+                       "inputs": {"model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": 5.0}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
+        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["ckpt", 0], "scheduler": "normal",
+                                                              "steps": 4, "denoise": 1.0}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        **sample("npo_guider", "npo"), **sample("cfg_guider", "cfg"),
+        "curve": {"class_type": "PreviewImage", "inputs": {"images": ["train", 2]}},
+    }
+    valid = asyncio.run(execution.validate_prompt("train-node", prompt, None))
+    assert valid[0], valid
+    executor = execution.PromptExecutor(_ServerStub(), cache_args={"lru": 0, "ram": 0})
+    executor.execute(prompt, "train-node", {}, valid[2])
+    assert executor.success, executor.status_messages
+
+    # it ran under ComfyUI's inference mode and reported every step, with a CFG | NPO-CFG preview
+    assert progress.calls[0][3] is True
+    steps_seen = [c[0] for c in progress.calls if c[1] == 3]
+    # ComfyUI's ProgressBar throttles intermediate updates; the first and the last always arrive
+    assert steps_seen[0] == 0 and steps_seen[-1] == 3 and steps_seen == sorted(steps_seen)
+    previews = [c[2] for c in progress.calls if c[2] is not None and c[1] == 3]
+    assert len(previews) == 1 and previews[0][0] == "PNG" and previews[0][1].width > previews[0][1].height
+
+    # the weights are in the self_npo models folder, listed by the loader straight away
+    weights = comfy_dirs["self_npo"] / f"{NAME}.safetensors"
+    assert weights.is_file()
+    from comfy_selfnpo.nodes.negative_model import list_npo_files
+
+    assert f"self_npo/{NAME}.safetensors" in list_npo_files()
+    s = summary(comfy_dirs)
+    assert s["status"] == "finished" and s["step"] == 3 and s["paths"]["weights"] == str(weights)
+    assert not list(comfy_dirs["self_npo"].rglob("*.pt"))  # checkpoints stay out of the models folder
+    assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()
+
+    # the guider sampled with the trained negative: same noise, different result than plain CFG
+    npo = safetensors.torch.load_file(str(next(comfy_dirs["output"].rglob("npo_*.latent"))))["latent_tensor"]
+    cfg = safetensors.torch.load_file(str(next(comfy_dirs["output"].rglob("cfg_*.latent"))))["latent_tensor"]
+    assert torch.isfinite(npo).all() and torch.isfinite(cfg).all()
+    assert (npo - cfg).abs().max() > 1e-4
+    assert executor.history_result["outputs"]["curve"]["images"]  # the loss curve IMAGE output
+
+
+def test_train_node_resumes_by_name_and_refuses_changed_hyper_parameters(comfy_registry, comfy_dirs, tiny, progress):
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+    from comfy_selfnpo.training.errors import ResumeMismatch
+
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        out = SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=2))
+        negative, path, curve = out.result
+        assert summary(comfy_dirs)["resumed_from_step"] is None
+        first = safetensors.torch.load_file(path)
+
+        out = SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=4))
+        s = summary(comfy_dirs)
+        assert s["resumed_from_step"] == 2 and s["step"] == 4
+        second = safetensors.torch.load_file(out.result[1])
+        assert any(not torch.equal(first[k], second[k]) for k in first)  # two more steps trained
+        lines = (run_dir(comfy_dirs) / "loss.csv").read_text().strip().splitlines()
+        assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4]
+
+        before = (run_dir(comfy_dirs) / "checkpoint" / "state.pt").read_bytes()
+        with pytest.raises(ResumeMismatch, match="learning_rate"):
+            SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=4, learning_rate=5e-4))
+        assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").read_bytes() == before
+    assert curve.shape == (1, 360, 640, 3) and 0 <= float(curve.min()) and float(curve.max()) <= 1
+    # the MODEL output carries the trained weights: its unconditional prediction differs from the base
+    from cli_setup import uncond_prediction
+
+    assert (uncond_prediction(negative, ckpt.clip) - uncond_prediction(ckpt.model, ckpt.clip)).abs().max() > 1e-4
+
+
+def test_train_node_cancel_saves_a_resumable_checkpoint_then_interrupts(comfy_registry, comfy_dirs, tiny, progress):
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    progress.cancel_at = 2
+    with torch.inference_mode():
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=5, save_every=0))
+    s = summary(comfy_dirs)
+    assert progress.cancelled_at is not None and progress.cancelled_at < 5
+    assert s["status"] == "cancelled" and s["step"] == progress.cancelled_at  # stopped at that step boundary
+    assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()
+    assert not (comfy_dirs["self_npo"] / f"{NAME}.safetensors").exists()
+    assert not comfy.model_management.processing_interrupted()  # the next prompt can run
+
+    progress.cancel_at = None
+    with torch.inference_mode():
+        SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=5, save_every=0))
+    s = summary(comfy_dirs)
+    assert s["status"] == "finished" and s["resumed_from_step"] == progress.cancelled_at and s["step"] == 5
+
+
+def test_train_node_rejects_bad_overrides_before_training(comfy_registry, comfy_dirs, tiny):
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+    from comfy_selfnpo.training.session import OutputError
+
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    with pytest.raises(ValueError, match="overrides line 2: unknown hyper-parameter 'batchsize'"):
+        SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, **train_inputs(overrides="steps = 2\nbatchsize = 4"))
+    with pytest.raises(OutputError, match="not usable"):
+        SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, **train_inputs(output_name="../../x"))
+    assert not run_dir(comfy_dirs).exists()
+
+
+def test_train_node_out_of_memory_saves_and_says_how_to_fit(comfy_registry, comfy_dirs, tiny, monkeypatch):
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+    from comfy_selfnpo.training.trainer import TDFTTrainer
+
+    real_step = TDFTTrainer.train_step
+
+    def step_then_oom(self):
+        if self.step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real_step(self)
+
+    monkeypatch.setattr(TDFTTrainer, "train_step", step_then_oom)
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="Out of memory.*LoRA preset.*batch_size"):
+        SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, **train_inputs(steps=3, save_every=0))
+    s = summary(comfy_dirs)
+    assert s["status"] == "out_of_memory" and s["step"] == 1
+    assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()

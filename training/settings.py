@@ -1,0 +1,90 @@
+"""Hyper-parameters from the front ends: `key=value` override text (the node), TOML files and flags
+(the CLI), all checked against `TDFTConfig`'s fields and types and turned into one validated config
+with `make_config(preset, **overrides)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .config import PRESETS, TDFTConfig, make_config
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def config_fields() -> dict[str, type]:
+    """Field name -> the type its value must have (taken from the default: bool/int/float/str)."""
+    out = {}
+    for f in dataclasses.fields(TDFTConfig):
+        out[f.name] = type(f.default)
+    return out
+
+
+def convert(name: str, value, kind: type):
+    """A value from text/TOML converted to the field's type; ValueError names the field."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+        text = str(value).strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1]
+        return text
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+
+
+def check_overrides(values: dict) -> dict:
+    """Typed copy of `values`; unknown names raise ValueError listing the known ones."""
+    fields = config_fields()
+    out = {}
+    for name, value in values.items():
+        key = name.strip().replace("-", "_")
+        if key not in fields:
+            raise ValueError(f"unknown hyper-parameter {name!r}; known: {', '.join(sorted(fields))}")
+        out[key] = None if value is None else convert(key, value, fields[key])
+    return out
+
+
+def parse_overrides(text: str) -> dict:
+    """`key = value` lines (blank lines and `#` comments ignored) -> typed overrides."""
+    values = {}
+    for number, raw in enumerate((text or "").splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if "=" not in line:
+            raise ValueError(f"overrides line {number}: {raw.strip()!r} is not `key = value`")
+        key, value = (part.strip() for part in line.split("=", 1))
+        if not key:
+            raise ValueError(f"overrides line {number}: missing the name before '='")
+        try:
+            values.update(check_overrides({key: value}))
+        except ValueError as e:
+            raise ValueError(f"overrides line {number}: {e}") from None
+    return values
+
+
+def build_config(preset: str | None, overrides: dict) -> TDFTConfig:
+    """Validated config from a preset and (already typed) overrides; ValueError says what is wrong."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return make_config(preset, **check_overrides(overrides))
