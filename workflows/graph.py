@@ -110,7 +110,7 @@ class Graph:
                 continue
             cls = registry[node.class_type]
             for name, (kind, options) in _input_specs(cls):
-                is_widget = kind in WIDGET_TYPES or isinstance(kind, list)
+                is_widget = is_widget_input(kind)
                 link = incoming.get((node.id, name))
                 if not is_widget or link is not None:
                     slot = {"name": name, "type": "COMBO" if isinstance(kind, list) else kind, "link": link}
@@ -155,6 +155,11 @@ class Graph:
         for node in self.nodes:
             visit(node)
         return done
+
+
+def is_widget_input(kind) -> bool:
+    """Combos arrive as a list of choices (V1) or "COMBO" (V3); other widgets by type name."""
+    return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
 def _input_specs(cls):

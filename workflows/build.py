@@ -1,0 +1,220 @@
+"""The example workflows, defined once and written in both forms:
+
+    workflows/<name>.json          UI format: drag onto the ComfyUI canvas
+    workflows/api/<name>.json      API format: POST to /prompt, or `execution.validate_prompt`
+
+Regenerate after changing a graph or a node's inputs (the test suite fails when the committed
+files differ from what this produces):
+
+    .venv/bin/python workflows/build.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from graph import Graph  # noqa: E402
+
+SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SD15_SELFNPO = "self_npo/sd15_selfnpo_lora.safetensors"
+SDXL_SELFNPO = "self_npo/sdxl_selfnpo_lora.safetensors"
+# The authors' Diffusion-NPO release (PEFT/diffusers LoRA), downloaded into models/loras.
+DIFFUSION_NPO_LORA = "loras/sd15_diffusion_npo_lora.safetensors"
+STYLE_LORA = "my_style_lora.safetensors"
+
+PROMPT = "a photo of a corgi wearing a red scarf, sitting on a wooden bench in a park, soft morning light"
+
+
+def sd15_apply_selfnpo_ksampler() -> Graph:
+    g = Graph("sd15_selfnpo_ksampler",
+              "SD1.5 text-to-image: Self-NPO through plain KSampler ('Apply Self-NPO'), beside plain CFG "
+              "with the same seed.")
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT)
+    neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model", model=ckpt[0],
+                      npo_weights=SD15_SELFNPO, strength=1.0, merge_weight=0.0)
+    npo_model = g.add("SelfNPOApply", "Apply Self-NPO", model=ckpt[0], negative_model=neg_model[0],
+                      residency="auto", rank=0)
+    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 2), clip=ckpt[1], text=PROMPT)
+    neg = g.add("CLIPTextEncode", "Negative prompt (empty, as in the paper)", at=(1, 3), clip=ckpt[1], text="")
+    latent = g.add("EmptyLatentImage", at=(1, 4), width=512, height=512, batch_size=1)
+    sampler_args = dict(seed=20251124, steps=25, cfg=7.5, sampler_name="euler", scheduler="normal",
+                        positive=pos[0], negative=neg[0], latent_image=latent[0], denoise=1.0)
+    npo = g.add("KSampler", "KSampler (Self-NPO)", at=(3, 0), model=npo_model[0], **sampler_args)
+    plain = g.add("KSampler", "KSampler (plain CFG)", at=(3, 2), model=ckpt[0], **sampler_args)
+    g.add("SaveImage", at=(5, 0), images=g.add("VAEDecode", at=(4, 0), samples=npo[0], vae=ckpt[2])[0],
+          filename_prefix="selfnpo/sd15_npo")
+    g.add("SaveImage", at=(5, 2), images=g.add("VAEDecode", at=(4, 2), samples=plain[0], vae=ckpt[2])[0],
+          filename_prefix="selfnpo/sd15_plain_cfg")
+    g.note("## Self-NPO with KSampler\n"
+           "* **Self-NPO Negative Model**: base model + your Self-NPO weights (from `models/self_npo`, "
+           "`models/loras` or `models/diffusion_models`). *strength* η scales the NPO offset (1 = as trained).\n"
+           "* **Apply Self-NPO** makes any sampler node run CFG's negative branch on the negative model. "
+           "*residency*: `separate` keeps a second copy of the weights (+1 model of memory), "
+           "`batched_lowrank` shares one copy and applies the NPO LoRA only to the negative rows "
+           "(one batched forward, like plain CFG), `auto` picks. *rank* (0 = as stored) truncates "
+           "full offsets by SVD for batched mode.\n"
+           "* The two KSamplers share seed and settings: the right column is plain CFG for comparison.",
+           at=(0, 2))
+    return g
+
+
+def sdxl_selfnpo_guider() -> Graph:
+    g = Graph("sdxl_selfnpo_guider",
+              "SDXL text-to-image with the 'Self-NPO CFG Guider' and SamplerCustomAdvanced.")
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SDXL_CHECKPOINT)
+    neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model", model=ckpt[0],
+                      npo_weights=SDXL_SELFNPO, strength=1.0, merge_weight=0.0)
+    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 1), clip=ckpt[1], text=PROMPT)
+    neg = g.add("CLIPTextEncode", "Negative prompt", at=(1, 2), clip=ckpt[1], text="")
+    guider = g.add("SelfNPOCFGGuider", "Self-NPO CFG Guider", at=(2, 0), model=ckpt[0],
+                   negative_model=neg_model[0], positive=pos[0], negative=neg[0], cfg=7.0,
+                   residency="auto", rank=0)
+    noise = g.add("RandomNoise", at=(2, 1), noise_seed=20251124)
+    sampler = g.add("KSamplerSelect", at=(2, 2), sampler_name="euler")
+    sigmas = g.add("BasicScheduler", at=(2, 3), model=ckpt[0], scheduler="normal", steps=30, denoise=1.0)
+    latent = g.add("EmptyLatentImage", at=(2, 4), width=1024, height=1024, batch_size=1)
+    out = g.add("SamplerCustomAdvanced", at=(3, 0), noise=noise[0], guider=guider[0], sampler=sampler[0],
+                sigmas=sigmas[0], latent_image=latent[0])
+    g.add("SaveImage", at=(5, 0), images=g.add("VAEDecode", at=(4, 0), samples=out[0], vae=ckpt[2])[0],
+          filename_prefix="selfnpo/sdxl_npo")
+    g.note("## Self-NPO CFG Guider (SDXL)\n"
+           "The guider computes `uncond(negative model) + cfg · (cond(model) − uncond(negative model))`. "
+           "Pooled/ADM conditioning, ControlNet, area and mask conditioning reach the negative model "
+           "exactly as they reach the positive one. At cfg = 1 the negative branch is skipped.\n"
+           "Self-NPO SDXL weights were trained with corruption guidance w = −5 (the published recipe).",
+           at=(0, 2))
+    return g
+
+
+def train_then_sample() -> Graph:
+    g = Graph("train_selfnpo_lora_then_sample",
+              "Train a Self-NPO LoRA (TDFT) from the loaded checkpoint, then sample with it in the same graph.")
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT)
+    train = g.add("SelfNPOTrainTDFT", "Self-NPO Train (TDFT)", model=ckpt[0], clip=ckpt[1], vae=ckpt[2],
+                  **TRAIN_NODE_INPUTS)
+    npo_model = g.add("SelfNPOApply", "Apply Self-NPO", at=(2, 0), model=ckpt[0], negative_model=train[0],
+                      residency="auto", rank=0)
+    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 2), clip=ckpt[1], text=PROMPT)
+    neg = g.add("CLIPTextEncode", "Negative prompt", at=(1, 3), clip=ckpt[1], text="")
+    latent = g.add("EmptyLatentImage", at=(1, 4), width=512, height=512, batch_size=1)
+    sample = g.add("KSampler", "KSampler (Self-NPO)", at=(3, 0), model=npo_model[0], seed=20251124, steps=25,
+                   cfg=7.5, sampler_name="euler", scheduler="normal", positive=pos[0], negative=neg[0],
+                   latent_image=latent[0], denoise=1.0)
+    g.add("SaveImage", at=(5, 0), images=g.add("VAEDecode", at=(4, 0), samples=sample[0], vae=ckpt[2])[0],
+          filename_prefix="selfnpo/trained_npo")
+    g.add("SaveImage", "Loss curve", at=(2, 2), images=train[2], filename_prefix="selfnpo/loss_curve")
+    g.note(TRAIN_NOTE, at=(0, 2))
+    return g
+
+
+def diffusion_npo_release_with_beta() -> Graph:
+    g = Graph("diffusion_npo_release_with_beta",
+              "A downloaded Diffusion-NPO LoRA (the authors' PEFT release format) as the negative model, "
+              "with the merge weight β exposed.")
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT)
+    styled = g.add("LoraLoaderModelOnly", "Your usual LoRA (positive model)", model=ckpt[0],
+                   lora_name=STYLE_LORA, strength_model=0.8)
+    neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model (β)", at=(2, 0), model=styled[0],
+                      npo_weights=DIFFUSION_NPO_LORA, strength=1.0, merge_weight=0.5, base_model=ckpt[0])
+    npo_model = g.add("SelfNPOApply", "Apply Self-NPO", at=(3, 0), model=styled[0], negative_model=neg_model[0],
+                      residency="auto", rank=0)
+    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 2), clip=ckpt[1], text=PROMPT)
+    neg = g.add("CLIPTextEncode", "Negative prompt", at=(1, 3), clip=ckpt[1], text="")
+    latent = g.add("EmptyLatentImage", at=(1, 4), width=512, height=512, batch_size=1)
+    sample = g.add("KSampler", "KSampler (Diffusion-NPO)", at=(4, 0), model=npo_model[0], seed=20251124,
+                   steps=25, cfg=7.5, sampler_name="euler", scheduler="normal", positive=pos[0], negative=neg[0],
+                   latent_image=latent[0], denoise=1.0)
+    g.add("SaveImage", at=(6, 0), images=g.add("VAEDecode", at=(5, 0), samples=sample[0], vae=ckpt[2])[0],
+          filename_prefix="selfnpo/diffusion_npo_beta")
+    g.note("## A Diffusion-NPO release as the negative model\n"
+           "Put the authors' LoRA (PEFT/diffusers keys, `unet.…lora_A/lora_B`) in `models/loras`.\n"
+           "* **strength** η scales the NPO offset.\n"
+           "* **merge_weight** β: θ_neg = θ_pos + η·δ_npo − β·(θ_pos − θ_base). With β = 0 the negative "
+           "model keeps everything the positive model has (here: your LoRA); β = 1 removes it again, so "
+           "the negative branch is base + NPO. Connect **base_model** (the checkpoint without your LoRAs) "
+           "whenever β ≠ 0.",
+           at=(0, 2))
+    return g
+
+
+# Data-free training (prompts only), LoRA sized for a 12 GB GPU; everything else as the preset says.
+TRAIN_NODE_INPUTS: dict = dict(
+    data_folder="",
+    prompts="\n".join([
+        "a photo of a corgi wearing a red scarf",
+        "a watercolor painting of a lighthouse at dusk",
+        "a portrait of an old fisherman, dramatic lighting",
+        "a bowl of ramen on a wooden table, top view",
+        "a futuristic city skyline at night, neon lights",
+        "a cozy reading nook with a cat sleeping on a blanket",
+    ]),
+    preset="lora-12gb", steps=1000, learning_rate=0.0, lora_rank=0, teacher="preset", seed=0,
+    output_name="sd15_selfnpo_lora", save_every=100, preview_every=100, overrides="",
+)
+TRAIN_NOTE = (
+    "## Train a Self-NPO LoRA, then sample with it\n"
+    "**Self-NPO Train (TDFT)** fine-tunes a copy of the loaded model on its own corrupted generations "
+    "(corruption guidance w = −1 for SD1.5, −5 for SDXL; K = 5 truncated teacher steps per sample). "
+    "Its *negative_model* output feeds **Apply Self-NPO** directly.\n"
+    "* *data_folder*: images with same-name `.txt` captions; empty = data-free mode from *prompts*.\n"
+    "* *preset*: `sd15` / `sdxl` are the authors' full fine-tuning recipes; `lora-8gb` … `lora-24gb` "
+    "train a LoRA sized for that GPU. *steps*, *learning_rate* (0 = preset), *lora_rank*, *teacher* "
+    "(EMA of the student, or the frozen base) override it; *overrides* takes any other setting as "
+    "`key = value` lines.\n"
+    "* Weights go to `models/self_npo/<output_name>.safetensors` (listed by the loader at once). "
+    "Re-running with the same name resumes; cancelling saves a resumable checkpoint.\n"
+    "* *preview_every*: shows the first prompt with plain CFG and with NPO-CFG in the progress bar."
+)
+
+GRAPHS = [sd15_apply_selfnpo_ksampler, sdxl_selfnpo_guider, train_then_sample, diffusion_npo_release_with_beta]
+
+
+def build_all(registry: dict) -> dict[str, tuple[dict, dict]]:
+    """name -> (ui, api) for every example workflow."""
+    out = {}
+    for make in GRAPHS:
+        graph = make()
+        out[graph.name] = (graph.to_ui(registry), graph.to_api())
+    return out
+
+
+def dump(data: dict) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_all(registry: dict, folder: Path = HERE) -> list[Path]:
+    written = []
+    (folder / "api").mkdir(parents=True, exist_ok=True)
+    for name, (ui, api) in build_all(registry).items():
+        for path, data in ((folder / f"{name}.json", ui), (folder / "api" / f"{name}.json", api)):
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(dump(data))
+            os.replace(tmp, path)
+            written.append(path)
+    return written
+
+
+def _boot_registry() -> dict:
+    import asyncio
+
+    pack_root = HERE.parent
+    sys.path.insert(0, str(pack_root))
+    from comfyui_env import ensure_comfyui
+
+    ensure_comfyui(cpu=True)
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if not asyncio.run(nodes.load_custom_node(str(pack_root))):
+        raise SystemExit("ComfyUI could not import the pack")
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+if __name__ == "__main__":
+    for path in write_all(_boot_registry()):
+        print(path.relative_to(HERE.parent))
