@@ -267,3 +267,18 @@ def test_separate_diffusion_model_and_vae_files_replace_the_checkpoint_parts(fil
     (files / "bad_vae.safetensors").write_bytes(b"\x00" * 64)
     code, err = run(capsys, *base_args(files, files / "out2"), "--vae", files / "bad_vae.safetensors")
     assert code == cli.EXIT_INPUT and "cannot read the VAE" in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, capsys):
+    out = files / "out"
+    code, err = run(capsys, *base_args(files, out, steps=6), "--learning-rate", "1e30", "--max-grad-norm", "0")
+    assert code == cli.EXIT_NONFINITE
+    assert "the TDFT loss became" in err and "Lower the learning rate" in err
+    s = summary(out)
+    assert s["status"] == "non_finite_loss" and 1 <= s["step"] < 6
+    import torch as _torch
+
+    state = _torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert state["step"] == s["step"]  # the last good step, saved before the bad one
+    assert all(_torch.isfinite(_torch.tensor(loss)) for loss in state["losses"])
+    assert not (out / "self_npo.safetensors").exists()
