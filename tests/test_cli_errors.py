@@ -282,3 +282,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, capsys)
     assert state["step"] == s["step"]  # the last good step, saved before the bad one
     assert all(_torch.isfinite(_torch.tensor(loss)) for loss in state["losses"])
     assert not (out / "self_npo.safetensors").exists()
+
+
+def test_a_failing_preview_warns_and_training_goes_on(files, capsys):
+    out = files / "out"
+    # learning rate 0: the negative model equals the base, which the Self-NPO guider refuses to sample
+    code, err = run(capsys, *base_args(files, out, "--preview-every", 1, "--preview-steps", 2, steps=2),
+                    "--learning-rate", "0")
+    assert code == cli.EXIT_OK, err
+    assert "preview at step 1 failed" in err and "training goes on" in err
+    assert summary(out)["status"] == "finished" and (out / "self_npo.safetensors").is_file()

@@ -157,7 +157,12 @@ class TrainingSession:
             self.options.on_step(Progress(result.step, self.config.steps, result.loss, result.lr, elapsed))
         every = self.options.preview_every
         if every and (result.step % every == 0 or result.step == self.config.steps):
-            self.preview(result.step)
+            try:
+                self.preview(result.step)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # a preview is a convenience: it never ends a training run
+                log.warning("preview at step %d failed (%s: %s); training goes on", result.step, type(e).__name__, e)
 
     def preview(self, step: int):
         from .previews import PreviewSettings, sample_cfg_and_npo, side_by_side
