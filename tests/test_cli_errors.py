@@ -183,14 +183,14 @@ def test_resume_without_a_checkpoint(files, capsys):
 def test_out_of_memory_saves_a_checkpoint_and_prints_a_hint(files, capsys, monkeypatch):
     from comfy_selfnpo.training.trainer import TDFTTrainer
 
-    real_step = TDFTTrainer.train_step
+    real_micro_batch = TDFTTrainer._micro_batch
 
-    def step_then_oom(self):
-        if self.step == 1:  # the second step does not fit
+    def micro_batch_then_oom(self):  # the second step's forward pass does not fit
+        if self.step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(self)
+        return real_micro_batch(self)
 
-    monkeypatch.setattr(TDFTTrainer, "train_step", step_then_oom)
+    monkeypatch.setattr(TDFTTrainer, "_micro_batch", micro_batch_then_oom)
     out = files / "out"
     code, err = run(capsys, *base_args(files, out, "--save-every", 0, steps=3))
     assert code == cli.EXIT_OOM
@@ -199,6 +199,7 @@ def test_out_of_memory_saves_a_checkpoint_and_prints_a_hint(files, capsys, monke
     s = summary(out)
     assert s["status"] == "out_of_memory" and s["step"] == 1
     assert s["paths"]["checkpoint"] and (out / "checkpoint" / "state.pt").is_file()
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 1  # the state before the step
 
 
 # ------------------------------------------------------------------ arguments and config

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from . import run_files
-from .errors import NonFiniteLoss, TrainingCancelled, TrainingError
+from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError
 from .run_files import RunPaths
 
 log = logging.getLogger("comfy_selfnpo.training")
@@ -232,8 +232,14 @@ class TrainingSession:
         except TrainingCancelled as e:
             self._finish_failed("cancelled", str(e))
             raise
-        except torch.OutOfMemoryError as e:
-            saved = self._save_after_oom()
+        except (torch.OutOfMemoryError, OutOfMemory) as e:
+            # OutOfMemory: the trainer caught it inside a step and already saved the pre-step state;
+            # a bare torch error comes from elsewhere (optimizer, export, preview): save here.
+            if isinstance(e, OutOfMemory) and e.checkpoint_path is not None:
+                saved = (f"A resumable checkpoint was saved to {e.checkpoint_path}: resume it with the same "
+                         "settings where more memory is free, or start a new run with smaller ones.")
+            else:
+                saved = self._save_after_oom()
             message = f"{OOM_HINT} {saved} (step {trainer.step}; {str(e).splitlines()[0] if str(e) else ''})"
             self._finish_failed("out_of_memory", message)
             raise TrainingOutOfMemory(message) from e
