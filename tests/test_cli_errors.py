@@ -183,14 +183,14 @@ def test_resume_without_a_checkpoint(files, capsys):
 def test_out_of_memory_saves_a_checkpoint_and_prints_a_hint(files, capsys, monkeypatch):
     from comfy_selfnpo.training.trainer import TDFTTrainer
 
-    real_step = TDFTTrainer.train_step
+    real_micro_batch = TDFTTrainer._micro_batch
 
-    def step_then_oom(self):
-        if self.step == 1:  # the second step does not fit
+    def micro_batch_then_oom(self):  # the second step's forward pass does not fit
+        if self.step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(self)
+        return real_micro_batch(self)
 
-    monkeypatch.setattr(TDFTTrainer, "train_step", step_then_oom)
+    monkeypatch.setattr(TDFTTrainer, "_micro_batch", micro_batch_then_oom)
     out = files / "out"
     code, err = run(capsys, *base_args(files, out, "--save-every", 0, steps=3))
     assert code == cli.EXIT_OOM
@@ -199,6 +199,7 @@ def test_out_of_memory_saves_a_checkpoint_and_prints_a_hint(files, capsys, monke
     s = summary(out)
     assert s["status"] == "out_of_memory" and s["step"] == 1
     assert s["paths"]["checkpoint"] and (out / "checkpoint" / "state.pt").is_file()
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 1  # the state before the step
 
 
 # ------------------------------------------------------------------ arguments and config
@@ -267,3 +268,28 @@ def test_separate_diffusion_model_and_vae_files_replace_the_checkpoint_parts(fil
     (files / "bad_vae.safetensors").write_bytes(b"\x00" * 64)
     code, err = run(capsys, *base_args(files, files / "out2"), "--vae", files / "bad_vae.safetensors")
     assert code == cli.EXIT_INPUT and "cannot read the VAE" in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, capsys):
+    out = files / "out"
+    code, err = run(capsys, *base_args(files, out, steps=6), "--learning-rate", "1e30", "--max-grad-norm", "0")
+    assert code == cli.EXIT_NONFINITE
+    assert "the TDFT loss became" in err and "Lower the learning rate" in err
+    s = summary(out)
+    assert s["status"] == "non_finite_loss" and 1 <= s["step"] < 6
+    import torch as _torch
+
+    state = _torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert state["step"] == s["step"]  # the last good step, saved before the bad one
+    assert all(_torch.isfinite(_torch.tensor(loss)) for loss in state["losses"])
+    assert not (out / "self_npo.safetensors").exists()
+
+
+def test_a_failing_preview_warns_and_training_goes_on(files, capsys):
+    out = files / "out"
+    # learning rate 0: the negative model equals the base, which the Self-NPO guider refuses to sample
+    code, err = run(capsys, *base_args(files, out, "--preview-every", 1, "--preview-steps", 2, steps=2),
+                    "--learning-rate", "0")
+    assert code == cli.EXIT_OK, err
+    assert "preview at step 1 failed" in err and "training goes on" in err
+    assert summary(out)["status"] == "finished" and (out / "self_npo.safetensors").is_file()

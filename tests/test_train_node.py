@@ -205,7 +205,7 @@ def test_train_node_out_of_memory_saves_and_says_how_to_fit(comfy_registry, comf
 
     real_step = TDFTTrainer.train_step
 
-    def step_then_oom(self):
+    def step_then_oom(self):  # a bare torch OOM from outside the forward passes (e.g. the optimizer)
         if self.step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
         return real_step(self)

@@ -53,6 +53,34 @@ def _config_fields():
     return [(f.name, type(f.default), f.default) for f in dataclasses.fields(TDFTConfig)]
 
 
+# what each TDFTConfig field means (SPEC §3), for --help
+HP_HELP = {
+    "grid_size": "N: DDIM grid over the T timesteps", "truncation_steps": "K: truncated teacher steps per sample",
+    "corruption_guidance": "w: guidance on the teacher (-1 SD1.x/SD2, -5 SDXL)",
+    "uncond": "teacher's unconditional input", "loss": "regression loss", "huber_c": "pseudo-Huber c",
+    "teacher": "ema: EMA of the student (paper); base: the frozen initial model",
+    "ema_decay": "EMA teacher decay", "mode": "train all weights or a LoRA (extension)",
+    "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_targets": "attn | attn+ff | all_linear | a regex",
+    "learning_rate": "AdamW learning rate", "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping (0 = off)", "optimizer": "adamw8bit needs bitsandbytes",
+    "warmup_steps": "steps of linear warm-up", "batch_size": "items per micro-batch",
+    "grad_accum": "micro-batches per optimizer step", "steps": "optimizer steps",
+    "mixed_precision": "autocast dtype", "gradient_checkpointing": "recompute activations (less memory)",
+    "seed": "seed of every random draw", "resolution": "image mode: training resolution (pixels)",
+    "trajectory_buffer": "data-free mode: buffered trajectories",
+    "save_every": "resumable checkpoint every N steps (0 = at the end / on stop)",
+    "output_format": "lora (LoRA runs) | offset | unet",
+}
+
+
+def _hp_choices() -> dict:
+    from . import config
+
+    return {"uncond": config.UNCONDS, "loss": config.LOSSES, "teacher": config.TEACHERS, "mode": config.MODES,
+            "optimizer": config.OPTIMIZERS, "lr_schedule": config.SCHEDULES,
+            "mixed_precision": config.PRECISIONS, "output_format": config.OUTPUT_FORMATS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
@@ -97,12 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
     run.add_argument("--verbose", "-v", action="store_true", default=None, help="log what the trainer does")
     hp = parser.add_argument_group("hyper-parameters (TDFTConfig; see README)")
+    choices = _hp_choices()
     for name, kind, default in _config_fields():
         flag = "--" + name.replace("_", "-")
+        text = f"{HP_HELP.get(name, name)} (TDFT default {default})"
         if kind is bool:
-            hp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+            hp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif name in choices:
+            hp.add_argument(flag, choices=list(choices[name]), default=None, help=text)
         else:
-            hp.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=f"(default {default})")
+            hp.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
     hp.add_argument("--lr", dest="learning_rate", type=float, default=None, help="alias of --learning-rate")
     parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})
     return parser

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from . import run_files
-from .errors import NonFiniteLoss, TrainingCancelled, TrainingError
+from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError
 from .run_files import RunPaths
 
 log = logging.getLogger("comfy_selfnpo.training")
@@ -157,7 +157,12 @@ class TrainingSession:
             self.options.on_step(Progress(result.step, self.config.steps, result.loss, result.lr, elapsed))
         every = self.options.preview_every
         if every and (result.step % every == 0 or result.step == self.config.steps):
-            self.preview(result.step)
+            try:
+                self.preview(result.step)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # a preview is a convenience: it never ends a training run
+                log.warning("preview at step %d failed (%s: %s); training goes on", result.step, type(e).__name__, e)
 
     def preview(self, step: int):
         from .previews import PreviewSettings, sample_cfg_and_npo, side_by_side
@@ -227,8 +232,14 @@ class TrainingSession:
         except TrainingCancelled as e:
             self._finish_failed("cancelled", str(e))
             raise
-        except torch.OutOfMemoryError as e:
-            saved = self._save_after_oom()
+        except (torch.OutOfMemoryError, OutOfMemory) as e:
+            # OutOfMemory: the trainer caught it inside a step and already saved the pre-step state;
+            # a bare torch error comes from elsewhere (optimizer, export, preview): save here.
+            if isinstance(e, OutOfMemory) and e.checkpoint_path is not None:
+                saved = (f"A resumable checkpoint was saved to {e.checkpoint_path}: resume it with the same "
+                         "settings where more memory is free, or start a new run with smaller ones.")
+            else:
+                saved = self._save_after_oom()
             message = f"{OOM_HINT} {saved} (step {trainer.step}; {str(e).splitlines()[0] if str(e) else ''})"
             self._finish_failed("out_of_memory", message)
             raise TrainingOutOfMemory(message) from e
