@@ -139,9 +139,9 @@ def ensure_comfyui(cpu: bool | None = None) -> Path:
     before `comfy.model_management` is imported, so call this before importing any `comfy.*`.
     """
     if "comfy.model_management" in sys.modules:  # already running inside ComfyUI
-        import comfy
+        import comfy  # a namespace package: no __file__, one __path__ entry
 
-        return Path(comfy.__file__).resolve().parent.parent
+        return Path(list(comfy.__path__)[0]).resolve().parent
     root = find_comfyui()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))

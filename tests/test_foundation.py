@@ -72,6 +72,12 @@ def test_tiny_models_sample_deterministically_through_ksampler(tiny, kind):
     assert image.shape == (1, 64, 64, 3)
 
 
+def test_ensure_comfyui_inside_a_running_comfyui_returns_its_root():
+    from comfy_selfnpo.comfyui_env import ensure_comfyui
+
+    assert ensure_comfyui() == COMFYUI_ROOT  # comfy is a namespace package here: no __file__
+
+
 def test_tiny_model_prediction_types(tiny):
     from comfy.model_base import ModelType
 

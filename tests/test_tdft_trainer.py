@@ -263,6 +263,21 @@ def test_config_presets_and_validation():
         make_config(mode="lora", lora_targets="attn[")
 
 
+def _png_with_garbled_pixels(png: bytes) -> bytes:
+    import struct
+    import zlib
+
+    out, pos = bytearray(png[:8]), 8
+    while pos < len(png):
+        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        data = png[pos + 8:pos + 8 + length]
+        if kind == b"IDAT":
+            data = data[:2] + bytes(b ^ 0x5A for b in data[2:])
+        out += struct.pack(">I4s", length, kind) + data + struct.pack(">I", zlib.crc32(kind + data))
+        pos += 12 + length
+    return bytes(out)
+
+
 def test_data_errors_are_clear(tmp_path, caplog):
     with pytest.raises(DataError, match="does not exist"):
         ImageCaptionFolder(tmp_path / "nope", 64)
@@ -272,10 +287,13 @@ def test_data_errors_are_clear(tmp_path, caplog):
     folder = make_image_folder(tmp_path / "mixed", count=2)
     (folder / "img1.txt").unlink()
     (folder / "broken.png").write_bytes(b"not a png")
+    # a PNG whose chunks and checksums are intact but whose compressed pixels are garbage passes
+    # PIL's verify(); it fails only when decoded
+    (folder / "garbled.png").write_bytes(_png_with_garbled_pixels((folder / "img0.png").read_bytes()))
     with caplog.at_level(logging.WARNING):
         data = ImageCaptionFolder(folder, 32)
     assert len(data) == 2 and data.captions == ["a red cube", ""]
-    assert "broken.png" in caplog.text and "img1.png" in caplog.text
+    assert "broken.png" in caplog.text and "garbled.png" in caplog.text and "img1.png" in caplog.text
     image = data.load_image(0)  # 64x72 source: shorter side to 32, centre crop
     assert image.shape == (32, 32, 3) and 0 <= float(image.min()) and float(image.max()) <= 1
     with pytest.raises(DataError, match="empty"):
@@ -355,6 +373,38 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, broken)
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert [p.name for p in target.parent.iterdir()] == ["state.pt"]
+
+
+def test_atomically_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from comfy_selfnpo.training.checkpoint import save_torch
+
+    mask = os.umask(0o022)
+    try:
+        target = save_torch(tmp_path / "weights.pt", {"step": 1})
+    finally:
+        os.umask(mask)
+    # mkstemp alone would leave 0600: unreadable to a ComfyUI server running as another user
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
+
+
+def test_resume_may_switch_gradient_checkpointing_on(tiny, images, tmp_path):
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    opts = dict(mode="lora", learning_rate=1e-3, lora_rank=4, steps=3)
+    straight = _trainer(ckpt, images, tmp_path, "straight", **opts)
+    straight.train()
+    first = _trainer(ckpt, images, tmp_path, "a", **opts)
+    first.train(steps=1)
+    path = first.save_checkpoint()
+    # e.g. after running out of memory: same run, now with checkpointing
+    resumed = _trainer(ckpt, images, tmp_path, "b", gradient_checkpointing=True, **opts)
+    resumed.load_checkpoint(path)
+    resumed.train()
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    with pytest.raises(ResumeMismatch, match="batch_size"):
+        _trainer(ckpt, images, tmp_path, "c", **{**opts, "batch_size": 1}).load_checkpoint(path)
 
 
 def test_lora_targets_that_match_nothing_are_reported(tiny, images, tmp_path):

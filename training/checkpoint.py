@@ -18,6 +18,7 @@ def atomic_write(path, write_fn) -> Path:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; weights must be readable like any file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +33,12 @@ def atomic_write(path, write_fn) -> Path:
         finally:
             os.close(dir_fd)
     return path
+
+
+def _default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 class _ignore:

@@ -65,7 +65,9 @@ class ImageCaptionFolder:
         for path in candidates:
             try:
                 with Image.open(path) as im:
-                    im.verify()  # cheap integrity check; the pixels are read when encoding
+                    # decode the pixels now: verify() passes files whose data is truncated, and one
+                    # such file found at encoding time would stop the whole run instead of being skipped
+                    im.convert("RGB").load()
             except Exception as e:  # PIL raises many kinds for broken files
                 skipped.append(f"{path.name} ({type(e).__name__}: {e})")
                 continue

@@ -37,7 +37,10 @@ _log = logging.getLogger("comfy_selfnpo.training")
 CHECKPOINT_FORMAT = "comfy_selfnpo.tdft_checkpoint"
 CHECKPOINT_VERSION = 1
 # config keys that may change when resuming (they do not change what the steps compute)
-RESUMABLE_CHANGES = {"steps", "save_every", "output_format"}
+# Settings a resumed run may change: they do not alter the math of the remaining steps
+# (gradient checkpointing gives identical gradients; tested), so e.g. a run that ran out of memory
+# can resume with checkpointing switched on.
+RESUMABLE_CHANGES = {"steps", "save_every", "output_format", "gradient_checkpointing"}
 
 
 @dataclass
