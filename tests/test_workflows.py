@@ -34,7 +34,8 @@ NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 # Only sizes and step counts are shrunk for the tiny models on a CPU; every other input runs as shipped.
 SHRINK = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 4},
-          "BasicScheduler": {"steps": 4}, "SelfNPOTrainTDFT": {"steps": 3, "save_every": 0}}
+          "BasicScheduler": {"steps": 4}, "SelfNPOTrainTDFT": {"steps": 3, "save_every": 0, "preview_every": 0,
+                                                 "overrides": "resolution = 64\ntrajectory_buffer = 2\nbatch_size = 1"}}
 
 
 def _shrunk(api: dict) -> dict:
