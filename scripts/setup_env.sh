@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create or update .venv for this checkout: the CPU build of torch (the project machines' wheel;
+# on a GPU machine set SELFNPO_TORCH_VERSION / install your own torch first), ComfyUI's runtime
+# packages, this pack (editable) with its test extra; then make sure the pinned ComfyUI is present.
+# Re-running is cheap: nothing is reinstalled unless pyproject.toml or the package list changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${SELFNPO_VENV:-.venv}
+stamp="$venv/.selfnpo-installed"
+want=$(cat pyproject.toml scripts/comfyui-runtime.txt | sha256sum | cut -c1-16)
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  # torch first and exactly this version: it is the CPU build on the project machines; anything
+  # unpinned would pull a multi-GB CUDA build instead.
+  "$venv/bin/python" -m pip install --quiet "torch==${SELFNPO_TORCH_VERSION:-2.13.0}"
+  "$venv/bin/python" -m pip install --quiet -r scripts/comfyui-runtime.txt
+  "$venv/bin/python" -m pip install --quiet -e ".[test]"
+  echo "$want" >"$stamp"
+fi
+bash scripts/setup_comfyui.sh
