@@ -26,9 +26,8 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _boot import ROOT, boot_comfyui  # noqa: E402
 ROUTES = ("plain_cfg", "npo_separate", "npo_batched", "comfy_hooks")
 
 # SD1.5 and SDXL UNet configurations as ComfyUI detects them (comfy/model_detection.py)
@@ -46,22 +45,6 @@ FULL_UNETS = {
              "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
              "use_temporal_attention": False, "use_temporal_resblock": False},
 }
-
-
-def _setup_comfy(full_size: bool):
-    sys.path.insert(0, str(ROOT.parent))
-    try:
-        from comfy_selfnpo.comfyui_env import ensure_comfyui
-    except ImportError:  # running from a checkout that is not pip-installed
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("comfy_selfnpo", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfy_selfnpo"] = module
-        spec.loader.exec_module(module)
-        from comfy_selfnpo.comfyui_env import ensure_comfyui
-    ensure_comfyui(cpu=not full_size)
 
 
 def _build(kind: str, full_size: bool, seed: int = 0):
@@ -131,7 +114,7 @@ def _weights_held(models) -> int:
 
 
 def run_route(route: str, kind: str, full_size: bool, steps: int, repeats: int, rank: int, queue) -> None:
-    _setup_comfy(full_size)
+    boot_comfyui(cpu=not full_size)
     import torch
     import comfy.hooks
     import comfy.model_management

@@ -20,7 +20,6 @@ Writes bench/results/tdft_step.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -29,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _boot import ROOT, boot_comfyui  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "tdft_step.json"
 
 # diffusers configs of the same architectures as the ComfyUI models
@@ -51,16 +50,6 @@ SDXL_DIFFUSERS = dict(
     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816)
-
-
-def _import_pack():
-    spec = importlib.util.spec_from_file_location("comfy_selfnpo", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfy_selfnpo"] = module
-    spec.loader.exec_module(module)
-    from comfy_selfnpo.comfyui_env import ensure_comfyui
-    ensure_comfyui()
 
 
 # ------------------------------------------------------------------ the authors' loop
@@ -270,15 +259,13 @@ def _specs(full_size: bool, device: str):
 
 
 def run_one(spec: dict) -> dict:
-    # diffusers before ComfyUI: on machines without torchvision the pack registers a minimal
-    # torchvision stand-in, which diffusers would then take for the real one and fail to import
-    from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: F401
-    _import_pack()
+    boot_comfyui()
     import torch
     if spec["device"] == "cpu":
         torch.set_num_threads(spec.get("threads", 1))
     # both sides import the same modules before the baseline, so CPU peaks compare like with like
     import comfy.sd  # noqa: F401
+    from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: F401
     from comfy_selfnpo import tiny_models  # noqa: F401
     from comfy_selfnpo.training import trainer  # noqa: F401
     global _RSS_BASELINE

@@ -15,29 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _setup():
-    sys.path.insert(0, str(ROOT.parent))
-    try:
-        import comfy_selfnpo  # noqa: F401
-    except ImportError:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("comfy_selfnpo", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfy_selfnpo"] = module
-        spec.loader.exec_module(module)
-    from comfy_selfnpo.comfyui_env import ensure_comfyui
-
-    ensure_comfyui()
+from _boot import ROOT, boot_comfyui  # noqa: E402
 
 
 def _config(steps, save_every):
@@ -94,7 +76,7 @@ def main():
     parser.add_argument("--preview-every", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the median is reported")
     args = parser.parse_args()
-    _setup()
+    boot_comfyui()
     import statistics
 
     import torch

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import pytest
 import torch
 
 import comfy.sample
@@ -122,13 +121,3 @@ def guider_sample(guider, s: Setup, cfg=CFG, positive=None, negative=None, steps
     return guider.sample(noise, lat, sampler, sigmas, disable_pbar=True, seed=SEED)
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    """These tests run tiny models; on the shared 2-core test machines OpenMP threads spin-waiting for
-    busy cores made them 10-40x slower (measured: 0.5 s -> 20 s per test). One thread, then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

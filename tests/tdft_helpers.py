@@ -34,13 +34,3 @@ def base_prediction(model_patcher, x, sigma, cond: dict):
         return model_patcher.model.apply_model(x, s, **c).float()
 
 
-def one_torch_thread():
-    """Generator for a module-scoped fixture: the test machines have 2 cores shared by parallel
-    jobs, where torch's intra-op threads spin against each other (measured 6x slower on the tiny
-    models); one thread is faster there. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -4,7 +4,6 @@ script runs, minus ~4 s of ComfyUI import per case) on real files and the real t
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 

@@ -9,7 +9,6 @@ import comfy.model_management
 import comfy.samplers
 import nodes
 
-from npo_setup import single_torch_thread  # noqa: F401  (autouse fixture)
 from npo_setup import (CFG, StepRecorder, guider_sample, hand_cfg, ksample, predict, rel_err, setup)
 from comfy_selfnpo.npo import guidance
 from comfy_selfnpo.npo.guidance import SelfNPOError, SelfNPOGuider, apply_self_npo, get_plan

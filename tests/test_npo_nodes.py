@@ -11,7 +11,6 @@ import comfy.sd
 import comfy.utils
 
 import npo_files
-from npo_setup import single_torch_thread  # noqa: F401  (autouse fixture)
 from comfy_selfnpo.nodes.negative_model import list_npo_files, resolve_npo_choice
 from comfy_selfnpo.npo.guidance import apply_self_npo
 from comfy_selfnpo.npo.weights import load_npo_file, make_negative_model

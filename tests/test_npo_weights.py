@@ -8,7 +8,6 @@ import torch
 import comfy.sd
 
 import npo_files
-from npo_setup import single_torch_thread  # noqa: F401  (autouse fixture)
 from comfy_selfnpo.npo import weights
 from comfy_selfnpo.npo.weights import NPOFormatError, effective_weight, load_npo_file, make_negative_model
 

@@ -13,9 +13,8 @@ import comfy.lora
 import comfy.sd
 import comfy.utils
 from comfy_selfnpo.training import ImageCaptionFolder, TDFTTrainer, make_config
-from tdft_helpers import base_prediction, make_image_folder, one_torch_thread
+from tdft_helpers import base_prediction, make_image_folder
 
-_single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 RUNS = {  # kind -> w and uncond of the published recipes (SPEC §3)
     "sd15": dict(corruption_guidance=-1.0, uncond="empty_prompt"),

@@ -9,9 +9,7 @@ import comfy.model_sampling
 from comfy_selfnpo.training import tdft
 from comfy_selfnpo.training.errors import UnsupportedModel
 from comfy_selfnpo.training.trajectories import TrajectoryBuffer
-from tdft_helpers import one_torch_thread
 
-_single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 T = 1000
 

@@ -3,7 +3,6 @@ checkpointing, mixed precision, optimizer fallback, config and data errors."""
 from __future__ import annotations
 
 import logging
-import warnings
 
 import pytest
 import torch
@@ -12,9 +11,8 @@ from comfy_selfnpo.training import (DataError, ImageCaptionFolder, NonFiniteLoss
                                     ResumeMismatch, TDFTTrainer, TrainingCancelled, make_config)
 from comfy_selfnpo.training.config import PRESETS, TDFTConfig
 from comfy_selfnpo.training.data import read_prompts_file
-from tdft_helpers import base_prediction, make_image_folder, one_torch_thread, snapshot
+from tdft_helpers import base_prediction, make_image_folder, snapshot
 
-_single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 SMALL = dict(resolution=64, batch_size=2, grid_size=10, truncation_steps=3, seed=7)
 
