@@ -1,7 +1,6 @@
 """The three Self-NPO nodes inside a real ComfyUI workflow run by ComfyUI's own executor."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import safetensors.torch
@@ -12,29 +11,9 @@ import comfy.utils
 
 import npo_files
 from comfy_selfnpo.nodes.negative_model import list_npo_files, resolve_npo_choice
+from comfy_exec import run_prompt
 from comfy_selfnpo.npo.guidance import apply_self_npo
 from comfy_selfnpo.npo.weights import load_npo_file, make_negative_model
-
-
-class _ServerStub:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
-def _run_workflow(prompt):
-    import execution
-
-    valid = asyncio.run(execution.validate_prompt("selfnpo-test", prompt, None))
-    assert valid[0], valid
-    executor = execution.PromptExecutor(_ServerStub(), cache_args={"lru": 0, "ram": 0})
-    executor.execute(prompt, "selfnpo-test", {}, valid[2])
-    assert executor.success, executor.status_messages
 
 
 def test_loader_lists_files_from_its_three_folders_unambiguously(comfy_registry, comfy_dirs, tiny):
@@ -94,7 +73,7 @@ def test_workflow_with_loader_guider_and_apply_through_comfyui_executor(comfy_re
                           "latent_image": ["6", 0], "denoise": 1.0}},
         "16": {"class_type": "SaveLatent", "inputs": {"samples": ["15", 0], "filename_prefix": "plain"}},
     }
-    _run_workflow(prompt)
+    run_prompt(prompt)
     load = lambda name: safetensors.torch.load_file(str(comfy_dirs["output"] / f"{name}_00001_.latent"))["latent_tensor"]
     via_ksampler, via_guider, plain = load("npo_ksampler"), load("npo_guider"), load("plain")
 

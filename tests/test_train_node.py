@@ -3,7 +3,6 @@ reporting progress with previews, feeding its MODEL output to the Self-NPO guide
 workflow, resuming by name, and turning a cancel into a resumable checkpoint + ComfyUI's interrupt."""
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -13,21 +12,10 @@ import torch
 
 import comfy.model_management
 import comfy.utils
+from comfy_exec import run_prompt
 from cli_setup import TINY_OVERRIDES_TEXT, PROMPTS
 
 NAME = "node_run"
-
-
-class _ServerStub:
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self):
-        pass
 
 
 class ProgressRecorder:
@@ -73,7 +61,6 @@ def summary(comfy_dirs) -> dict:
 
 
 def test_train_node_in_a_workflow_feeds_the_guider(comfy_registry, comfy_dirs, tiny, progress):
-    import execution
 
     tiny.save_checkpoint(str(comfy_dirs["checkpoints"] / "tiny.safetensors"), "sd15", seed=0)
     sample = lambda guider, prefix: {  # noqa: E731
@@ -102,11 +89,7 @@ def test_train_node_in_a_workflow_feeds_the_guider(comfy_registry, comfy_dirs, t
         **sample("npo_guider", "npo"), **sample("cfg_guider", "cfg"),
         "curve": {"class_type": "PreviewImage", "inputs": {"images": ["train", 2]}},
     }
-    valid = asyncio.run(execution.validate_prompt("train-node", prompt, None))
-    assert valid[0], valid
-    executor = execution.PromptExecutor(_ServerStub(), cache_args={"lru": 0, "ram": 0})
-    executor.execute(prompt, "train-node", {}, valid[2])
-    assert executor.success, executor.status_messages
+    _, history = run_prompt(prompt)
 
     # it ran under ComfyUI's inference mode and reported every step, with a CFG | NPO-CFG preview
     assert progress.calls[0][3] is True
@@ -132,7 +115,7 @@ def test_train_node_in_a_workflow_feeds_the_guider(comfy_registry, comfy_dirs, t
     cfg = safetensors.torch.load_file(str(next(comfy_dirs["output"].rglob("cfg_*.latent"))))["latent_tensor"]
     assert torch.isfinite(npo).all() and torch.isfinite(cfg).all()
     assert (npo - cfg).abs().max() > 1e-4
-    assert executor.history_result["outputs"]["curve"]["images"]  # the loss curve IMAGE output
+    assert history["outputs"]["curve"]["images"]  # the loss curve IMAGE output
 
 
 def test_train_node_resumes_by_name_and_refuses_changed_hyper_parameters(comfy_registry, comfy_dirs, tiny, progress):
