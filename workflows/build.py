@@ -30,6 +30,27 @@ STYLE_LORA = "my_style_lora.safetensors"
 PROMPT = "a photo of a corgi wearing a red scarf, sitting on a wooden bench in a park, soft morning light"
 
 
+SAMPLER = dict(seed=20251124, steps=25, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
+
+
+def _prompts_and_latent(g: Graph, clip, negative_title: str = "Negative prompt", size: int = 512):
+    """Prompt, empty negative prompt (as in the paper) and an empty latent, in the second column."""
+    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 2), clip=clip, text=PROMPT)
+    neg = g.add("CLIPTextEncode", negative_title, at=(1, 3), clip=clip, text="")
+    latent = g.add("EmptyLatentImage", at=(1, 4), width=size, height=size, batch_size=1)
+    return pos, neg, latent
+
+
+def _ksample_and_save(g: Graph, title: str, model, conds, vae, at: tuple[int, int], prefix: str) -> None:
+    """KSampler -> VAEDecode -> SaveImage in one row starting at `at`."""
+    pos, neg, latent = conds
+    column, row = at
+    sample = g.add("KSampler", title, at=at, model=model, positive=pos[0], negative=neg[0],
+                   latent_image=latent[0], **SAMPLER)
+    decoded = g.add("VAEDecode", at=(column + 1, row), samples=sample[0], vae=vae)
+    g.add("SaveImage", at=(column + 2, row), images=decoded[0], filename_prefix=prefix)
+
+
 def sd15_apply_selfnpo_ksampler() -> Graph:
     g = Graph("sd15_selfnpo_ksampler",
               "SD1.5 text-to-image: Self-NPO through plain KSampler ('Apply Self-NPO'), beside plain CFG "
@@ -39,17 +60,9 @@ def sd15_apply_selfnpo_ksampler() -> Graph:
                       npo_weights=SD15_SELFNPO, strength=1.0, merge_weight=0.0)
     npo_model = g.add("SelfNPOApply", "Apply Self-NPO", model=ckpt[0], negative_model=neg_model[0],
                       residency="auto", rank=0)
-    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 2), clip=ckpt[1], text=PROMPT)
-    neg = g.add("CLIPTextEncode", "Negative prompt (empty, as in the paper)", at=(1, 3), clip=ckpt[1], text="")
-    latent = g.add("EmptyLatentImage", at=(1, 4), width=512, height=512, batch_size=1)
-    sampler_args = dict(seed=20251124, steps=25, cfg=7.5, sampler_name="euler", scheduler="normal",
-                        positive=pos[0], negative=neg[0], latent_image=latent[0], denoise=1.0)
-    npo = g.add("KSampler", "KSampler (Self-NPO)", at=(3, 0), model=npo_model[0], **sampler_args)
-    plain = g.add("KSampler", "KSampler (plain CFG)", at=(3, 2), model=ckpt[0], **sampler_args)
-    g.add("SaveImage", at=(5, 0), images=g.add("VAEDecode", at=(4, 0), samples=npo[0], vae=ckpt[2])[0],
-          filename_prefix="selfnpo/sd15_npo")
-    g.add("SaveImage", at=(5, 2), images=g.add("VAEDecode", at=(4, 2), samples=plain[0], vae=ckpt[2])[0],
-          filename_prefix="selfnpo/sd15_plain_cfg")
+    conds = _prompts_and_latent(g, ckpt[1], "Negative prompt (empty, as in the paper)")
+    _ksample_and_save(g, "KSampler (Self-NPO)", npo_model[0], conds, ckpt[2], (3, 0), "selfnpo/sd15_npo")
+    _ksample_and_save(g, "KSampler (plain CFG)", ckpt[0], conds, ckpt[2], (3, 2), "selfnpo/sd15_plain_cfg")
     g.note("## Self-NPO with KSampler\n"
            "* **Self-NPO Negative Model**: base model + your Self-NPO weights (from `models/self_npo`, "
            "`models/loras` or `models/diffusion_models`). *strength* η scales the NPO offset (1 = as trained).\n"
@@ -99,14 +112,8 @@ def train_then_sample() -> Graph:
                   **TRAIN_NODE_INPUTS)
     npo_model = g.add("SelfNPOApply", "Apply Self-NPO", at=(2, 0), model=ckpt[0], negative_model=train[0],
                       residency="auto", rank=0)
-    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 2), clip=ckpt[1], text=PROMPT)
-    neg = g.add("CLIPTextEncode", "Negative prompt", at=(1, 3), clip=ckpt[1], text="")
-    latent = g.add("EmptyLatentImage", at=(1, 4), width=512, height=512, batch_size=1)
-    sample = g.add("KSampler", "KSampler (Self-NPO)", at=(3, 0), model=npo_model[0], seed=20251124, steps=25,
-                   cfg=7.5, sampler_name="euler", scheduler="normal", positive=pos[0], negative=neg[0],
-                   latent_image=latent[0], denoise=1.0)
-    g.add("SaveImage", at=(5, 0), images=g.add("VAEDecode", at=(4, 0), samples=sample[0], vae=ckpt[2])[0],
-          filename_prefix="selfnpo/trained_npo")
+    conds = _prompts_and_latent(g, ckpt[1])
+    _ksample_and_save(g, "KSampler (Self-NPO)", npo_model[0], conds, ckpt[2], (3, 0), "selfnpo/trained_npo")
     g.add("SaveImage", "Loss curve", at=(2, 2), images=train[2], filename_prefix="selfnpo/loss_curve")
     g.note(TRAIN_NOTE, at=(0, 2))
     return g
@@ -123,14 +130,9 @@ def diffusion_npo_release_with_beta() -> Graph:
                       npo_weights=DIFFUSION_NPO_LORA, strength=1.0, merge_weight=0.5, base_model=ckpt[0])
     npo_model = g.add("SelfNPOApply", "Apply Self-NPO", at=(3, 0), model=styled[0], negative_model=neg_model[0],
                       residency="auto", rank=0)
-    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 2), clip=ckpt[1], text=PROMPT)
-    neg = g.add("CLIPTextEncode", "Negative prompt", at=(1, 3), clip=ckpt[1], text="")
-    latent = g.add("EmptyLatentImage", at=(1, 4), width=512, height=512, batch_size=1)
-    sample = g.add("KSampler", "KSampler (Diffusion-NPO)", at=(4, 0), model=npo_model[0], seed=20251124,
-                   steps=25, cfg=7.5, sampler_name="euler", scheduler="normal", positive=pos[0], negative=neg[0],
-                   latent_image=latent[0], denoise=1.0)
-    g.add("SaveImage", at=(6, 0), images=g.add("VAEDecode", at=(5, 0), samples=sample[0], vae=ckpt[2])[0],
-          filename_prefix="selfnpo/diffusion_npo_beta")
+    conds = _prompts_and_latent(g, ckpt[1])
+    _ksample_and_save(g, "KSampler (Diffusion-NPO)", npo_model[0], conds, ckpt[2], (4, 0),
+                      "selfnpo/diffusion_npo_beta")
     g.note("## A Diffusion-NPO release as the negative model\n"
            "Put the authors' LoRA (PEFT/diffusers keys, `unet.…lora_A/lora_B`) in `models/loras`.\n"
            "* **strength** η scales the NPO offset.\n"
