@@ -49,12 +49,11 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.fixture
-def model_files(tiny, comfy_dirs):
-    """Tiny stand-ins under the exact file names the shipped workflows use."""
-    sd15 = tiny.save_checkpoint(str(comfy_dirs["checkpoints"] / build.SD15_CHECKPOINT), "sd15", seed=0)
-    sdxl = tiny.save_checkpoint(str(comfy_dirs["checkpoints"] / build.SDXL_CHECKPOINT), "sdxl", seed=0)
-    root = comfy_dirs["checkpoints"].parent
+def write_stand_in_models(models_root: Path, tiny) -> None:
+    """Tiny stand-ins under the exact file names the shipped workflows use, in a ComfyUI models/
+    folder (checkpoints/, self_npo/, loras/)."""
+    sd15 = tiny.save_checkpoint(str(models_root / "checkpoints" / build.SD15_CHECKPOINT), "sd15", seed=0)
+    sdxl = tiny.save_checkpoint(str(models_root / "checkpoints" / build.SDXL_CHECKPOINT), "sdxl", seed=0)
     files = {
         build.SD15_SELFNPO: kohya_state_dict(make_npo_offset(sd15.model, seed=1), sd15.model),
         build.SDXL_SELFNPO: kohya_state_dict(make_npo_offset(sdxl.model, seed=2), sdxl.model),
@@ -62,12 +61,17 @@ def model_files(tiny, comfy_dirs):
         "loras/" + build.STYLE_LORA: kohya_state_dict(make_npo_offset(sd15.model, seed=4), sd15.model),
     }
     for rel, tensors in files.items():
-        write(str(root / rel), tensors)
+        write(str(models_root / rel), tensors)
+
+
+@pytest.fixture
+def model_files(tiny, comfy_dirs):
+    write_stand_in_models(comfy_dirs["checkpoints"].parent, tiny)
     return comfy_dirs
 
 
 def test_every_workflow_has_both_forms_and_matches_the_generator(comfy_registry):
-    built = build.build_all(comfy_registry.NODE_CLASS_MAPPINGS)
+    built = build.build_all(comfy_registry.NODE_CLASS_MAPPINGS, comfy_registry.NODE_DISPLAY_NAME_MAPPINGS)
     assert sorted(built) == NAMES and len(NAMES) == 4
     assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == NAMES
     for name, (ui, api) in built.items():
@@ -151,9 +155,7 @@ def test_api_workflow_executes_end_to_end(comfy_registry, model_files, name):
 def test_workflow_runs_in_the_real_comfyui_server(tiny, tmp_path):
     server = ComfyServer(COMFYUI_ROOT, PACK_ROOT, tmp_path / "comfy")
     server.prepare()
-    models = server.base / "models"
-    ckpt = tiny.save_checkpoint(str(models / "checkpoints" / build.SD15_CHECKPOINT), "sd15", seed=0)
-    write(str(models / build.SD15_SELFNPO), kohya_state_dict(make_npo_offset(ckpt.model, seed=1), ckpt.model))
+    write_stand_in_models(server.base / "models", tiny)
     try:
         server.start()
         log = server.read_log()

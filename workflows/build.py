@@ -176,12 +176,13 @@ TRAIN_NOTE = (
 GRAPHS = [sd15_apply_selfnpo_ksampler, sdxl_selfnpo_guider, train_then_sample, diffusion_npo_release_with_beta]
 
 
-def build_all(registry: dict) -> dict[str, tuple[dict, dict]]:
-    """name -> (ui, api) for every example workflow."""
+def build_all(registry: dict, display_names: dict) -> dict[str, tuple[dict, dict]]:
+    """name -> (ui, api) for every example workflow (`registry`/`display_names`: ComfyUI's
+    NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS)."""
     out = {}
     for make in GRAPHS:
         graph = make()
-        out[graph.name] = (graph.to_ui(registry), graph.to_api())
+        out[graph.name] = (graph.to_ui(registry), graph.to_api(display_names))
     return out
 
 
@@ -189,10 +190,10 @@ def dump(data: dict) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-def write_all(registry: dict, folder: Path = HERE) -> list[Path]:
+def write_all(registry: dict, display_names: dict, folder: Path = HERE) -> list[Path]:
     written = []
     (folder / "api").mkdir(parents=True, exist_ok=True)
-    for name, (ui, api) in build_all(registry).items():
+    for name, (ui, api) in build_all(registry, display_names).items():
         for path, data in ((folder / f"{name}.json", ui), (folder / "api" / f"{name}.json", api)):
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(dump(data))
@@ -201,7 +202,7 @@ def write_all(registry: dict, folder: Path = HERE) -> list[Path]:
     return written
 
 
-def _boot_registry() -> dict:
+def _boot_registry() -> tuple[dict, dict]:
     import asyncio
 
     pack_root = HERE.parent
@@ -214,9 +215,9 @@ def _boot_registry() -> dict:
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     if not asyncio.run(nodes.load_custom_node(str(pack_root))):
         raise SystemExit("ComfyUI could not import the pack")
-    return nodes.NODE_CLASS_MAPPINGS
+    return nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS
 
 
 if __name__ == "__main__":
-    for path in write_all(_boot_registry()):
+    for path in write_all(*_boot_registry()):
         print(path.relative_to(HERE.parent))

@@ -59,7 +59,10 @@ class Graph:
         return self.add("MarkdownNote", "Note", at=at, text=text)
 
     # --- API format -----------------------------------------------------------------------
-    def to_api(self) -> dict:
+    def to_api(self, display_names: dict[str, str] | None = None) -> dict:
+        """`_meta.title` is the node's title, else its display name, as the frontend's
+        graphToPrompt writes it (checked against ComfyUI's frontend in a browser)."""
+        display_names = display_names or {}
         prompt = {}
         for node in self.nodes:
             if node.class_type in FRONTEND_ONLY:
@@ -67,10 +70,8 @@ class Graph:
             inputs = {}
             for name, value in node.inputs.items():
                 inputs[name] = [str(value.node.id), value.slot] if isinstance(value, Output) else value
-            entry = {"class_type": node.class_type, "inputs": inputs}
-            if node.title:
-                entry["_meta"] = {"title": node.title}
-            prompt[str(node.id)] = entry
+            title = node.title or display_names.get(node.class_type) or node.class_type
+            prompt[str(node.id)] = {"inputs": inputs, "class_type": node.class_type, "_meta": {"title": title}}
         return prompt
 
     # --- UI format ------------------------------------------------------------------------
