@@ -163,6 +163,8 @@ def test_workflow_runs_in_the_real_comfyui_server(tiny, tmp_path):
         assert pack_lines and not any("IMPORT FAILED" in line for line in pack_lines), log
         info = server.get("/object_info/SelfNPOApply")
         assert "SelfNPOApply" in info
+        # the UI-format workflows show up in ComfyUI's template browser under the pack's folder name
+        assert sorted(server.get("/workflow_templates")["comfy-selfnpo"]) == NAMES
         api = _shrunk(_read_json(WORKFLOWS / "api" / "sd15_selfnpo_ksampler.json"))
         answer = server.post("/prompt", {"prompt": api})
         assert answer["node_errors"] == {}

@@ -4,7 +4,7 @@ frontend, in headless Chromium, and compare the frontend's own UI->API conversio
 
 Needs, besides .venv: Debian's `chromium` and `npm install playwright-core` in this folder.
 
-    .venv/bin/python workflows/frontend_check/check.py
+    .venv/bin/python scripts/frontend_check/check.py
 
 It starts ComfyUI (`main.py --cpu`, 127.0.0.1, temporary base directory) with tiny stand-ins under
 the file names the workflows use, exactly as tests/test_workflows.py does.
