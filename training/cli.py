@@ -17,7 +17,6 @@ writes load like real ones. Never needed for real checkpoints.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -46,12 +45,6 @@ class UsageError(Exception):
 
 
 # ------------------------------------------------------------------ arguments
-
-def _config_fields():
-    from .config import TDFTConfig
-
-    return [(f.name, type(f.default), f.default) for f in dataclasses.fields(TDFTConfig)]
-
 
 # what each TDFTConfig field means (SPEC §3), for --help
 HP_HELP = {
@@ -82,7 +75,8 @@ def _hp_choices() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
+    from .config import PRESETS, TDFTConfig
+    from .settings import config_fields
 
     parser = argparse.ArgumentParser(
         prog="comfy-selfnpo-train",
@@ -126,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", default=None, help="log what the trainer does")
     hp = parser.add_argument_group("hyper-parameters (TDFTConfig; see README)")
     choices = _hp_choices()
-    for name, kind, default in _config_fields():
+    defaults = TDFTConfig()
+    for name, kind in config_fields().items():
         flag = "--" + name.replace("_", "-")
-        text = f"{HP_HELP.get(name, name)} (TDFT default {default})"
+        text = f"{HP_HELP.get(name, name)} (TDFT default {getattr(defaults, name)})"
         if kind is bool:
             hp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif name in choices:
@@ -140,17 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _hyper_parameter_names() -> set[str]:
-    return {name for name, _, _ in _config_fields()}
-
-
 def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Fill options not given on the command line from the --config TOML file."""
     if not args.config:
         return
     import tomllib
 
-    from .settings import check_overrides
+    from .settings import check_overrides, config_fields
 
     path = Path(args.config).expanduser()
     try:
@@ -167,11 +158,12 @@ def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         else:
             flat[key] = value
     dests = {a.dest for a in parser._actions} - {"help", "config"}
+    hyper_parameters = config_fields()
     for key, value in flat.items():
         dest = key.replace("-", "_")
         if dest not in dests:
             raise UsageError(f"--config {str(path)!r}: unknown option {key!r}")
-        if dest in _hyper_parameter_names():
+        if dest in hyper_parameters:
             try:
                 value = check_overrides({dest: value})[dest]
             except ValueError as e:
@@ -277,8 +269,7 @@ def _init_comfyui(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
-    if "comfy.model_management" not in sys.modules:  # else: already inside ComfyUI (or the tests)
-        ensure_comfyui(cpu={"cpu": True, "cuda": False}.get(device))
+    ensure_comfyui(cpu={"cpu": True, "cuda": False}.get(device))  # no-op inside a running ComfyUI
     import comfy.model_management  # noqa: F401  decides CPU/GPU now
 
     if os.environ.get(TINY_MODELS_ENV) == "1":
@@ -291,9 +282,9 @@ def _init_comfyui(device: str) -> None:
 
 
 def _config_from_args(args):
-    from .settings import build_config
+    from .settings import build_config, config_fields
 
-    overrides = {name: getattr(args, name) for name in _hyper_parameter_names()}
+    overrides = {name: getattr(args, name) for name in config_fields()}
     if args.demo:
         overrides = {**DEMO_OVERRIDES, **{k: v for k, v in overrides.items() if v is not None}}
     try:
@@ -345,8 +336,7 @@ def write_demo_grid(loaded, negative_model, paths, settings, seeds=(0, 1)):
 
 
 def run(args) -> int:
-    from .errors import DataError, NonFiniteLoss, ResumeMismatch, TrainingCancelled, TrainingError, UnsupportedModel
-    from .model_loading import ModelLoadError
+    from .errors import NonFiniteLoss, TrainingCancelled, TrainingError
     from .previews import PreviewSettings
     from .run_files import RunPaths
     from .session import OutputError, SessionOptions, TrainingOutOfMemory, TrainingSession, check_run_name
@@ -381,7 +371,7 @@ def run(args) -> int:
         bar = ProgressBar(config.steps, trainer.step, enabled=not args.no_progress)
         options.on_step = bar
         result = session.run()
-        bar.close()
+        bar.close()  # before the demo grid and the final lines (closing again in `finally` is a no-op)
         if args.demo:
             grid = write_demo_grid(loaded, trainer.negative_model(), paths, preview)
             result.summary["paths"]["demo_grid"] = str(grid)
@@ -415,10 +405,7 @@ def run(args) -> int:
 
         print(f"comfy-selfnpo-train: {OOM_HINT} ({str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
         return EXIT_OOM
-    except (ModelLoadError, UnsupportedModel, DataError, ResumeMismatch) as e:
-        print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
-    except TrainingError as e:
+    except TrainingError as e:  # ModelLoadError, UnsupportedModel, DataError, ResumeMismatch, ...
         print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except OSError as e:  # e.g. a log file could not be written
