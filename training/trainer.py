@@ -36,7 +36,6 @@ _log = logging.getLogger("comfy_selfnpo.training")
 
 CHECKPOINT_FORMAT = "comfy_selfnpo.tdft_checkpoint"
 CHECKPOINT_VERSION = 1
-# config keys that may change when resuming (they do not change what the steps compute)
 # Settings a resumed run may change: they do not alter the math of the remaining steps
 # (gradient checkpointing gives identical gradients; tested), so e.g. a run that ran out of memory
 # can resume with checkpointing switched on.
@@ -128,7 +127,7 @@ def _peak_memory(device) -> int:
 
 
 class TDFTTrainer:
-    """See the module docstring and training_api.md. Use `train()` or `train_step()`."""
+    """See the module docstring. Use `train()` or `train_step()`."""
 
     def __init__(self, model, clip, vae, data, config: TDFTConfig, work_dir: str | Path,
                  device=None, log=None):
@@ -272,9 +271,8 @@ class TDFTTrainer:
     def _encode_data(self) -> None:
         import comfy.model_management as mm
 
-        self._downscale = int(getattr(self.vae, "downscale_ratio", 8) or 8) if self.vae is not None else 8
-        if not isinstance(self._downscale, int):
-            self._downscale = 8
+        ratio = getattr(self.vae, "downscale_ratio", 8)
+        self._downscale = ratio if isinstance(ratio, int) and ratio > 0 else 8  # video VAEs: a tuple
         self._latent_channels = int(self.base_model.latent_format.latent_channels)
         res = self.config.resolution
         with torch.no_grad():
@@ -292,12 +290,12 @@ class TDFTTrainer:
                 if text not in cache:
                     cache[text] = self._model_cond(*self._encode_text(text), latent_hw)
                 self._item_conds.append(cache[text])
-            empty = self._model_cond(*self._encode_text(""), latent_hw) if "" not in cache else cache[""]
-            if self.config.uncond == "zeros":
+            if self.config.uncond == "zeros":  # SDXL recipe: zeroed embeddings of the empty prompt
                 cond, pooled = self._encode_text("")
-                empty = self._model_cond(torch.zeros_like(cond),
-                                         None if pooled is None else torch.zeros_like(pooled), latent_hw)
-            self._uncond = empty
+                self._uncond = self._model_cond(torch.zeros_like(cond),
+                                                None if pooled is None else torch.zeros_like(pooled), latent_hw)
+            else:
+                self._uncond = cache[""] if "" in cache else self._model_cond(*self._encode_text(""), latent_hw)
         mm.soft_empty_cache()
         if isinstance(self.data, ImageCaptionFolder):
             self.sampler = EpochSampler(len(self.data), self.config.seed)
@@ -422,10 +420,13 @@ class TDFTTrainer:
         self._sync()
         return float(loss.detach()), t1 - t0, time.perf_counter() - t1
 
+    def _data_state(self) -> dict:
+        """Position in the data: the epoch sampler (images) or the trajectory buffer (prompts)."""
+        return self.sampler.state_dict() if self.sampler is not None else self.buffer.state_dict()
+
     def _draw_state(self):
         """RNG and data position at the start of a step (restored when the step fails)."""
-        data = self.sampler.state_dict() if self.sampler is not None else self.buffer.state_dict()
-        return self.gen.get_state(), data
+        return self.gen.get_state(), self._data_state()
 
     def _restore_draw_state(self, state) -> None:
         rng, data = state
@@ -493,7 +494,8 @@ class TDFTTrainer:
             return StepResult(step=self.step, loss=loss, lr=lr, teacher_s=t_teacher, student_s=t_student)
 
     def train(self, steps=None, on_step=None, should_stop=None) -> TrainResult:
-        """Run until config.steps (or `steps` more). See training_api.md for cancel/NaN behaviour."""
+        """Run until config.steps (or `steps` more). should_stop/cancel, NaN and
+        out-of-memory behaviour: see TrainingCancelled, NonFiniteLoss and OutOfMemory below."""
         target = self.config.steps if steps is None else self.step + int(steps)
         start, losses = time.perf_counter(), []
         if self.device.type == "cuda":
@@ -531,17 +533,17 @@ class TDFTTrainer:
         path = Path(path)
         return path if path.suffix in (".pt", ".pth") else path / "state.pt"
 
+    @staticmethod
+    def _cpu_copy(module: torch.nn.Module) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
     def _teacher_state(self):
         if self.config.teacher != "ema":
             return None
-        if self.adapters is not None:
-            return {k: v.detach().cpu().clone() for k, v in self.adapters.ema.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in self.teacher_model.diffusion_model.state_dict().items()}
+        return self._cpu_copy(self.adapters.ema if self.adapters is not None else self.teacher_model.diffusion_model)
 
     def _trainable_state(self):
-        if self.adapters is not None:
-            return {k: v.detach().cpu().clone() for k, v in self.adapters.layers.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in self.student_model.diffusion_model.state_dict().items()}
+        return self._cpu_copy(self.adapters.layers if self.adapters is not None else self.student_model.diffusion_model)
 
     def save_checkpoint(self, path=None) -> Path:
         """Atomic resumable checkpoint (a folder holding state.pt). Returns the folder."""
@@ -556,7 +558,7 @@ class TDFTTrainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 "rng": self.gen.get_state(),
-                "data": self.sampler.state_dict() if self.sampler is not None else self.buffer.state_dict(),
+                "data": self._data_state(),
                 "data_kind": "images" if self.sampler is not None else "prompts",
                 "data_fingerprint": self.data.fingerprint(),
             }
@@ -602,11 +604,7 @@ class TDFTTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state["scaler"] is not None:
                 self.scaler.load_state_dict(state["scaler"])
-            self.gen.set_state(state["rng"])
-            if self.sampler is not None:
-                self.sampler.load_state_dict(state["data"])
-            else:
-                self.buffer.load_state_dict(state["data"])
+            self._restore_draw_state((state["rng"], state["data"]))
             self.step = int(state["step"])
             self.losses = list(state["losses"])
 
