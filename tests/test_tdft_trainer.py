@@ -421,3 +421,19 @@ def test_lora_targets_that_match_nothing_are_reported(tiny, images, tmp_path):
     assert (trained - base).abs().max() > 1e-5
     torch.testing.assert_close(base_prediction(trainer.negative_model(), x, 2.0, cond), trained,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_latent_dataset_trains_like_the_image_folder_it_came_from(tiny, images, tmp_path):
+    from comfy_selfnpo.training import LatentDataset
+
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    opts = dict(mode="lora", learning_rate=1e-3, lora_rank=4, steps=2)
+    from_images = _trainer(ckpt, images, tmp_path, "images", **opts)
+    losses_images = from_images.train().losses
+    latents = from_images._latents.clone()
+    from_latents = _trainer(ckpt, LatentDataset(latents, images.captions), tmp_path, "latents", **opts)
+    assert from_latents.train().losses == losses_images
+    with pytest.raises(DataError, match="one caption per latent"):
+        LatentDataset(latents, images.captions[:1])
+    with pytest.raises(DataError, match="NaN"):
+        LatentDataset(latents * float("nan"), images.captions)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 _EXPORTS = {
     "TDFTConfig": ".config", "PRESETS": ".config", "make_config": ".config",
-    "ImageCaptionFolder": ".data", "PromptList": ".data", "read_prompts_file": ".data",
+    "ImageCaptionFolder": ".data", "LatentDataset": ".data", "PromptList": ".data", "read_prompts_file": ".data",
     "TDFTTrainer": ".trainer", "StepResult": ".trainer", "TrainResult": ".trainer",
     "base_model_hash": ".trainer", "OutOfMemory": ".errors",
     "TrainingError": ".errors", "DataError": ".errors", "NonFiniteLoss": ".errors",

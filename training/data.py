@@ -138,6 +138,34 @@ class PromptList:
         return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
 
 
+class LatentDataset:
+    """Real data that is already encoded: latents in the model's latent space (after
+    `process_latent_in`), one caption each. For callers that hold latents rather than image files
+    (benchmarks, pipelines that cache their own encodings); trains exactly like an image folder."""
+
+    def __init__(self, latents: torch.Tensor, captions: list[str]):
+        if latents.ndim < 4 or latents.shape[0] == 0:
+            raise DataError(f"latents must be a non-empty batch [N, C, ...], got shape {tuple(latents.shape)}")
+        if len(captions) != latents.shape[0]:
+            raise DataError(f"{latents.shape[0]} latents but {len(captions)} captions; give one caption per latent")
+        if not torch.isfinite(latents).all():
+            raise DataError("the latents contain NaN or infinite values")
+        self.latents = latents.detach().float().cpu().clone()
+        self._captions = [str(c) for c in captions]
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def captions(self) -> list[str]:
+        return list(self._captions)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.latents.numpy().tobytes())
+        h.update("\n".join(self._captions).encode())
+        return h.hexdigest()[:16]
+
+
 def read_prompts_file(path) -> list[str]:
     """One prompt per non-empty line (surrounding whitespace dropped). Missing file -> DataError."""
     path = Path(path).expanduser()

@@ -25,7 +25,7 @@ import torch
 from . import tdft
 from .checkpoint import load_torch, save_safetensors, save_torch
 from .config import TDFTConfig
-from .data import EpochSampler, ImageCaptionFolder, PromptList
+from .data import EpochSampler, ImageCaptionFolder, LatentDataset, PromptList
 from .ema import ema_update
 from .errors import (DataError, NonFiniteLoss, OutOfMemory, ResumeMismatch,  # noqa: F401
                      TrainingCancelled, TrainingError, UnsupportedModel)
@@ -134,8 +134,9 @@ class TDFTTrainer:
         import comfy.model_management as mm
 
         config.validate()
-        if not isinstance(data, (ImageCaptionFolder, PromptList)):
-            raise DataError(f"data must be an ImageCaptionFolder or a PromptList, got {type(data).__name__}")
+        if not isinstance(data, (ImageCaptionFolder, LatentDataset, PromptList)):
+            raise DataError("data must be an ImageCaptionFolder, a LatentDataset or a PromptList, got "
+                            f"{type(data).__name__}")
         if isinstance(data, ImageCaptionFolder) and vae is None:
             raise DataError("training on images needs the VAE of the checkpoint to encode them")
         if clip is None:
@@ -276,7 +277,10 @@ class TDFTTrainer:
         self._latent_channels = int(self.base_model.latent_format.latent_channels)
         res = self.config.resolution
         with torch.no_grad():
-            if isinstance(self.data, ImageCaptionFolder):
+            if isinstance(self.data, LatentDataset):
+                self._latents = self.data.latents
+                latent_hw = tuple(self._latents.shape[-2:])
+            elif isinstance(self.data, ImageCaptionFolder):
                 self._latents = self._encode_images()
                 latent_hw = tuple(self._latents.shape[-2:])
             else:
@@ -297,7 +301,7 @@ class TDFTTrainer:
             else:
                 self._uncond = cache[""] if "" in cache else self._model_cond(*self._encode_text(""), latent_hw)
         mm.soft_empty_cache()
-        if isinstance(self.data, ImageCaptionFolder):
+        if self._latents is not None:
             self.sampler = EpochSampler(len(self.data), self.config.seed)
             self.buffer = None
         else:
@@ -588,7 +592,7 @@ class TDFTTrainer:
                 detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diffs)
                 raise ResumeMismatch(f"the checkpoint used other hyper-parameters ({detail}); resume "
                                      "with the same settings or start a new run")
-            kind = "images" if isinstance(self.data, ImageCaptionFolder) else "prompts"
+            kind = "prompts" if isinstance(self.data, PromptList) else "images"
             if state["data_kind"] != kind:
                 raise ResumeMismatch(f"the checkpoint trained on {state['data_kind']}, this run on {kind}")
             self._prepare()
