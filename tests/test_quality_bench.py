@@ -1,0 +1,109 @@
+"""The quality benchmark (bench/quality.py) at a toy budget, end to end: real digits data, the digits
+model trained through ComfyUI's UNet, the pack's real TDFT trainer and guidance, the metrics and the
+figures. The metrics themselves are checked against hand-computable cases."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import quality  # noqa: E402
+import quality_metrics as qm  # noqa: E402
+
+from comfy_selfnpo import digits_model  # noqa: E402
+
+
+def test_frechet_distance_matches_the_scipy_formula():
+    import scipy.linalg
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=gen, dtype=torch.float64)
+    b = torch.randn(300, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen, dtype=torch.float64) + 2.0
+    ca, cb = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    mu = a.numpy().mean(0) - b.numpy().mean(0)
+    expected = mu @ mu + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
+    assert qm.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert qm.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # a pure shift by m adds |m|^2
+    assert qm.frechet_distance(a, a + 3.0) == pytest.approx(9.0 * 6, rel=1e-9)
+
+
+def test_precision_recall_on_a_hand_counted_case():
+    # 20 real points 1/19 apart on a line; fake: copies of the first 10 real points and 10 points far
+    # away. Precision: the 10 copies lie in real k-NN balls, the far ones in none -> 0.5. Recall: a copy's
+    # 3rd neighbour among the fakes is 3/19 away, so real points up to index 9 + 3 are covered -> 13/20.
+    real = torch.stack([torch.arange(20) / 19.0, torch.zeros(20)], dim=1).double()
+    far = torch.stack([100.0 + 10.0 * torch.arange(10), torch.zeros(10)], dim=1).double()
+    fake = torch.cat([real[:10], far])
+    precision, recall = qm.precision_recall(real, fake, k=3)
+    assert precision == pytest.approx(0.5)
+    assert recall == pytest.approx(13 / 20)
+
+
+def test_mean_and_stderr():
+    assert qm.mean_and_stderr([1.0, 2.0, 3.0, 6.0]) == pytest.approx((3.0, (14 / 3 / 4) ** 0.5))
+    assert qm.mean_and_stderr([5.0]) == (5.0, 0.0)
+
+
+def test_digit_latents_round_trip_and_fill_all_channels():
+    images, labels = digits_model.load_digits_images()
+    assert images.shape == (1797, 8, 8) and float(images.max()) == 1.0 and set(labels.tolist()) == set(range(10))
+    latents = digits_model.images_to_latents(images[:5])
+    assert latents.shape == (5, 4, 8, 8) and float(latents.min()) == -1.0
+    assert torch.equal(latents[:, 0], latents[:, 3])
+    assert torch.allclose(digits_model.latents_to_images(latents), images[:5])
+
+
+def test_quality_benchmark_runs_end_to_end_at_a_toy_budget(tmp_path):
+    budget = replace(quality.BUDGETS["toy"], guidance_scales=(2.0, 4.0), seeds=(0,))
+    messages = []
+    results, samples = quality.run(budget, tmp_path / "work", log=messages.append)
+    paths = quality.write_outputs(results, samples, tmp_path)
+
+    saved = json.loads(paths["json"].read_text())
+    assert saved["budget"]["guidance_scales"] == [2.0, 4.0]
+    assert [r["name"] for r in saved["rows"]] == [r.name for r in quality.ROWS]
+    # the judge: the classifier reads held-out real digits; real digits are far closer to the
+    # held-out set than noise is, in every metric
+    refs = saved["references"]
+    assert refs["real_test_digits_accuracy"] > 0.9
+    real, noise = refs["real_train_digits"], refs["uniform_noise"]
+    assert real["fd"] < noise["fd"] / 4
+    assert real["precision"] > 0.6 > noise["precision"] and real["recall"] > 0.5 > noise["recall"]
+    assert real["accuracy"] > 0.9 and noise["accuracy"] < 0.3
+
+    scored = [r for r in saved["rows"] if not r["skipped"]]
+    by_name = {r["name"]: r for r in scored}
+    # plain CFG and the paper's mode run on every version of the pack
+    assert "cfg" in by_name and "npo · Self-NPO data-free" in by_name and "npo · fine-tune control" in by_name
+    for row in saved["rows"]:
+        if row["skipped"]:
+            assert row["points"] == [] and "apply_self_npo" in row["skipped"]
+            continue
+        assert [p["g"] for p in row["points"]] == [2.0, 4.0]
+        for p in row["points"]:
+            assert 0 <= p["precision"][0] <= 1 and 0 <= p["recall"][0] <= 1 and 0 <= p["accuracy"][0] <= 1
+            assert p["fd"][0] > 0 and p["fd"][1] == 0.0  # one seed: no spread
+    # the negative models really change the samples: every guided row differs from plain CFG
+    cfg_fd = [p["fd"][0] for p in by_name["cfg"]["points"]]
+    for name, row in by_name.items():
+        if name != "cfg":
+            assert [p["fd"][0] for p in row["points"]] != cfg_fd, name
+    assert not torch.equal(samples[("cfg", 4.0)], samples[("npo · Self-NPO data-free", 4.0)])
+
+    frontier = Image.open(paths["frontier"])
+    assert frontier.width > 1000 and frontier.height > 400
+    strips = 2 + len(scored)  # real digits, no guidance, one per scored row
+    assert Image.open(paths["samples"]).height > strips * 8 * 4
+    text = quality.table(saved)
+    assert all(r["name"] in text for r in saved["rows"]) and "wall time" in text
+    assert any("base model" in m for m in messages)
