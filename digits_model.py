@@ -13,10 +13,10 @@ map that adds and hides nothing: every difference between two samplers is the di
 No real VAE would fit 8x8 images (TAESD downscales 8x); an 8x8 latent suits the tiny UNet (one
 downsampling level, 4x4 at the bottom).
 
-    images, labels = ...                                  # [N, 8, 8] in [0, 1], ints 0..9
-    model, clip = build_digits_checkpoint(seed=0)
-    conds = PromptConds.encode(clip)
-    train_denoiser(model, images_to_latents(images), conds.for_labels(labels), steps=3000, ...)
+    images, labels = load_digits_images()                 # [N, 8, 8] in [0, 1], ints 0..9
+    digits = train_digits_model(images, labels, DenoiserTraining(steps=3000))
+    digits.model, digits.clip                             # MODEL and CLIP, as a loader node gives them
+    digits.conds.positive(labels), digits.conds.negative()  # CONDITIONING for KSampler
 
 Call `comfyui_env.ensure_comfyui()` before importing this module.
 """
@@ -186,6 +186,26 @@ def train_denoiser(model, latents: torch.Tensor, conds: torch.Tensor, uncond: to
                 for p, e in zip(params, ema):
                     p.copy_(e)
     return losses
+
+
+@dataclass
+class DigitsModel:
+    model: object          # ModelPatcher
+    clip: object           # comfy.sd.CLIP
+    conds: PromptConds
+    losses: list
+
+
+def train_digits_model(images: torch.Tensor, labels: torch.Tensor, settings: DenoiserTraining | None = None,
+                       on_step=None) -> DigitsModel:
+    """Build the digits model from `settings.seed` and train it from scratch on `images` [N, 8, 8]
+    in [0, 1] with the prompts of `labels`."""
+    settings = settings or DenoiserTraining()
+    model, clip = build_digits_checkpoint(settings.seed)
+    conds = PromptConds.encode(clip)
+    losses = train_denoiser(model, images_to_latents(images), conds.for_labels(labels), conds.uncond,
+                            settings, on_step=on_step)
+    return DigitsModel(model, clip, conds, losses)
 
 
 def weight_offset_model(base_model, trained_unet_state: dict):

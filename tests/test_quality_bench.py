@@ -104,6 +104,11 @@ def test_quality_benchmark_runs_end_to_end_at_a_toy_budget(tmp_path):
     assert frontier.width > 1000 and frontier.height > 400
     strips = 2 + len(scored)  # real digits, no guidance, one per scored row
     assert Image.open(paths["samples"]).height > strips * 8 * 4
-    text = quality.table(saved)
+    best = {p["name"]: p for p in saved["best_fd"]}
+    assert set(best) == set(by_name)
+    for name, p in best.items():  # the lowest FD of the row's curve, g = 1 included
+        curve = [saved["unguided"]["fd"][0]] + [q["fd"][0] for q in by_name[name]["points"]]
+        assert p["fd"][0] == min(curve)
+    text = quality.table(saved) + quality.summary_table(saved)
     assert all(r["name"] in text for r in saved["rows"]) and "wall time" in text
     assert any("base model" in m for m in messages)
