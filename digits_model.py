@@ -208,27 +208,19 @@ def train_digits_model(images: torch.Tensor, labels: torch.Tensor, settings: Den
     return DigitsModel(model, clip, conds, losses)
 
 
-def weight_offset_model(base_model, trained_unet_state: dict):
-    """A clone of `base_model` carrying trained weights as `diff` patches, the form the TDFT
-    trainer's negative_model() has, so both kinds of negative model go through the same guidance."""
-    clone = base_model.clone()
-    base = base_model.model.diffusion_model.state_dict()
-    patches = {f"diffusion_model.{k}": ("diff", ((v.float() - base[k].float()),))
-               for k, v in trained_unet_state.items() if not torch.equal(v, base[k])}
-    clone.add_patches(patches, 1.0)
-    return clone
+def model_sampling():
+    """The digits model's noise schedule (SD1.5's, EPS), without building the model."""
+    import comfy.model_base
+
+    return comfy.model_base.model_sampling(tiny_models.tiny_model_config("sd15"), comfy.model_base.ModelType.EPS)
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.model.diffusion_model.parameters())
-
-
-def sampling_sigma_to_percent(model, sigma: float) -> float:
-    """ComfyUI's start/end percent of the step at noise level `sigma` (inverse of
+def sigma_to_percent(sigma: float, sampling=None) -> float:
+    """ComfyUI's start/end percent of the step at noise level `sigma` (the inverse of
     model_sampling.percent_to_sigma for discrete-time models)."""
-    ms = model.get_model_object("model_sampling")
+    ms = sampling if sampling is not None else model_sampling()
     t = float(ms.timestep(torch.tensor(sigma)))
-    return 1.0 - t / (ms.sigmas.shape[0] - 1) if not math.isnan(t) else 0.0
+    return 1.0 - t / (ms.sigmas.shape[0] - 1)
 
 
 def image_grid(images: torch.Tensor, columns: int, scale: int = 4, pad: int = 1):

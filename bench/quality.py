@@ -39,36 +39,21 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# Idle OpenMP threads sleep instead of spinning: on a shared CPU a spinning thread waits for a busy
+# core, which made the two-thread base-model training 15x slower than one thread (measured at load 3
+# on 2 cores); it changes no number. Only effective before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _boot import ROOT, boot_comfyui  # noqa: E402
+import quality_pipeline as pipeline  # noqa: E402
+from quality_pipeline import Budget  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Everything that sets the cost of a run."""
-    base_steps: int = 3000          # training the digits model from scratch
-    base_batch: int = 64
-    base_lr: float = 2e-3
-    npo_steps: int = 300            # each negative model: TDFT (both kinds) and the control
-    npo_batch: int = 32
-    npo_lr: float = 2e-5            # 1 % of base_lr: the paper's ratio (1e-6 on SD1.5, trained at 1e-4)
-    npo_buffer: int = 64            # data-free TDFT: buffered trajectories
-    classifier_epochs: int = 30
-    per_class: int = 30             # held-out real digits per class = generated samples per class and seed
-    seeds: tuple = (0, 1, 2)        # sampling noise seeds
-    guidance_scales: tuple = (1.5, 2.0, 3.0, 5.0)
-    sampling_steps: int = 12        # euler: FD within 10 % of 32 steps
-    sampler: str = "euler"
-    scheduler: str = "normal"
-    data_seed: int = 0              # split, model initialisation, training draws
-    threads: int = 2
 
 
 BUDGETS = {
@@ -121,98 +106,7 @@ REAL = "real digits (held out)"
 
 
 # ------------------------------------------------------------------------------------------------
-# data, judge, model
-
-@dataclass
-class Digits:
-    train_images: object
-    train_labels: object
-    test_images: object
-    test_labels: object
-
-
-def split_digits(per_class: int, seed: int) -> Digits:
-    """A stratified held-out set of `per_class` digits per class; the rest trains."""
-    import torch
-    from comfy_selfnpo.digits_model import load_digits_images
-
-    images, labels = load_digits_images()
-    order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))
-    test = torch.cat([order[labels[order] == c][:per_class] for c in range(10)])
-    is_train = torch.ones(labels.shape[0], dtype=torch.bool)
-    is_train[test] = False
-    return Digits(images[is_train], labels[is_train], images[test], labels[test])
-
-
-def train_base_model(digits: Digits, budget: Budget, log):
-    from comfy_selfnpo import digits_model as dm
-
-    settings = dm.DenoiserTraining(steps=budget.base_steps, batch_size=budget.base_batch,
-                                   learning_rate=budget.base_lr, seed=budget.data_seed)
-    every = max(1, budget.base_steps // 10)
-    return dm.train_digits_model(digits.train_images, digits.train_labels, settings, on_step=lambda s, l: log(
-        f"  base model step {s}/{budget.base_steps} loss {l:.4f}") if s % every == 0 else None)
-
-
-# ------------------------------------------------------------------------------------------------
-# negative models
-
-def _tdft_negative(model, clip, data, budget: Budget, work_dir: Path, log):
-    from comfy_selfnpo.training import TDFTTrainer, make_config
-
-    # the SD1.5 recipe's algorithm (N = 25, K = 5, w = -1, pseudo-Huber, EMA teacher), full weights,
-    # at the benchmark's budget; resolution 64 = the 8x8 latent (data-free mode draws latents of it)
-    config = make_config("sd15", steps=budget.npo_steps, batch_size=budget.npo_batch, grad_accum=1,
-                         learning_rate=budget.npo_lr, mixed_precision="no", resolution=64,
-                         trajectory_buffer=budget.npo_buffer, seed=budget.data_seed)
-    trainer = TDFTTrainer(model, clip, None, data, config, work_dir, log=lambda m: None)
-    result = trainer.train()
-    log(f"  {type(data).__name__}: {result.steps} TDFT steps, final loss {result.losses[-1]:.4g}")
-    return trainer.negative_model(), result.losses
-
-
-def self_npo_data_free(ctx, budget, log):
-    from comfy_selfnpo.digits_model import PROMPTS
-    from comfy_selfnpo.training import PromptList
-
-    return _tdft_negative(ctx.model, ctx.clip, PromptList(list(PROMPTS)), budget, ctx.work_dir / "data_free", log)
-
-
-def self_npo_data(ctx, budget, log):
-    from comfy_selfnpo.digits_model import images_to_latents, prompt_for
-    from comfy_selfnpo.training import LatentDataset
-
-    data = LatentDataset(images_to_latents(ctx.digits.train_images),
-                         [prompt_for(int(c)) for c in ctx.digits.train_labels])
-    return _tdft_negative(ctx.model, ctx.clip, data, budget, ctx.work_dir / "data", log)
-
-
-def finetune_control(ctx, budget, log):
-    """Plain fine-tuning on real data with TDFT's budget and optimiser settings (constant learning
-    rate, AdamW, weight decay 1e-3, clip 1.0, no condition dropout: TDFT's student always sees the
-    caption), used as the negative model exactly like the TDFT result."""
-    from comfy_selfnpo import digits_model as dm
-
-    copy, _ = dm.build_digits_checkpoint(budget.data_seed)
-    copy.model.diffusion_model.load_state_dict(ctx.model.model.diffusion_model.state_dict())
-    settings = dm.DenoiserTraining(steps=budget.npo_steps, batch_size=budget.npo_batch,
-                                   learning_rate=budget.npo_lr, uncond_probability=0.0, warmup_steps=0,
-                                   ema_decay=0.0, seed=budget.data_seed)
-    losses = dm.train_denoiser(copy, dm.images_to_latents(ctx.digits.train_images),
-                               ctx.conds.for_labels(ctx.digits.train_labels), ctx.conds.uncond, settings)
-    log(f"  fine-tune control: {len(losses)} steps, final loss {losses[-1]:.4g}")
-    return dm.weight_offset_model(ctx.model, copy.model.diffusion_model.state_dict()), losses
-
-
-NEGATIVES = {
-    "self_npo_data_free": self_npo_data_free,
-    "self_npo_data": self_npo_data,
-    "finetune_control": finetune_control,
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# guidance and sampling
+# the sweep
 
 def unsupported_reason(row: Row, interval_percents) -> str | None:
     """Why this version of apply_self_npo cannot run `row` (None when it can)."""
@@ -225,40 +119,21 @@ def unsupported_reason(row: Row, interval_percents) -> str | None:
     return None
 
 
-def guided_model(ctx, row: Row):
-    """The MODEL that KSampler samples for this row (the base model itself for plain CFG)."""
-    from comfy_selfnpo.npo import guidance
-
-    if not row.negative:
-        return ctx.model
-    return guidance.apply_self_npo(ctx.model, ctx.negatives[row.negative], residency="auto",
-                                   **row.kwargs(ctx.interval_percents))
-
-
-def sample_digits(model, ctx, g: float, seed: int):
-    """One batch: `per_class` digits of every class, through KSampler's code path. Images [N, 8, 8]."""
-    import torch
-    import comfy.sample
-    from comfy_selfnpo.digits_model import latents_to_images
-
-    b = ctx.budget
-    noise = torch.randn((ctx.labels.shape[0], 4, 8, 8), generator=torch.Generator().manual_seed(seed))
-    raw = comfy.sample.sample(model, noise, b.sampling_steps, g, b.sampler, b.scheduler,
-                              ctx.conds.positive(ctx.labels), ctx.conds.negative(), torch.zeros_like(noise),
-                              disable_pbar=True, seed=seed)
-    return latents_to_images(ctx.model.model.process_latent_in(raw))
+def sample_jobs(rows, budget: Budget, interval_percents) -> list:
+    """Every (row, g, seed) to sample, the unguided g = 1 batches first; the costliest rows early
+    so that the workers finish together."""
+    jobs = [pipeline.SampleJob(UNGUIDED, "", (), 1.0, seed) for seed in budget.seeds]
+    for row in rows:
+        options = tuple(sorted(row.kwargs(interval_percents).items()))
+        jobs += [pipeline.SampleJob(row.name, row.negative, options, g, seed)
+                 for g in budget.guidance_scales for seed in budget.seeds]
+    return jobs
 
 
-def score_point(model, ctx, g: float, name: str) -> dict:
-    """Metrics of one (model, g) over the seeds: {metric: [mean, stderr]} and the per-seed values.
-    The first seed's samples are kept for the sample figure."""
+def point(per_seed: list[dict], g: float) -> dict:
+    """Metrics of one (row, g) over the seeds: {metric: [mean, stderr]} and the per-seed values."""
     from quality_metrics import mean_and_stderr
 
-    per_seed = []
-    for seed in ctx.budget.seeds:
-        images = sample_digits(model, ctx, g, seed)
-        per_seed.append(ctx.reference.score(images, ctx.labels))
-        ctx.samples.setdefault((name, g), images)
     out = {"g": g}
     for metric in METRICS:
         out[metric] = list(mean_and_stderr([s[metric] for s in per_seed]))
@@ -271,117 +146,151 @@ def _point_line(name: str, p: dict) -> str:
             f"R {p['recall'][0]:.3f}  acc {p['accuracy'][0]:.3f}")
 
 
-def sweep(ctx, rows, log) -> list[dict]:
-    results = []
+def collect(rows, budget: Budget, interval_percents, done: dict, refused: dict, log) -> tuple[dict, list]:
+    """Per-seed scores (done[(row, g, seed)]) -> the unguided point and one entry per row."""
+    unguided = point([done[(UNGUIDED, 1.0, s)] for s in budget.seeds], 1.0)
+    log(_point_line(UNGUIDED, unguided))
+    entries = []
     for row in rows:
-        entry = {"name": row.name, "negative": row.negative, "options": row.kwargs(ctx.interval_percents),
-                 "skipped": unsupported_reason(row, ctx.interval_percents), "points": []}
-        results.append(entry)
-        if entry["skipped"]:
-            log(f"  {row.name}: skipped ({entry['skipped']})")
+        reason = unsupported_reason(row, interval_percents)
+        reason = reason or (f"apply_self_npo refused it: {refused[row.name]}" if row.name in refused else None)
+        entry = {"name": row.name, "negative": row.negative, "options": row.kwargs(interval_percents),
+                 "skipped": reason, "points": []}
+        entries.append(entry)
+        if reason:
+            log(f"  {row.name}: skipped ({reason})")
             continue
-        try:
-            model = guided_model(ctx, row)
-        except (ValueError, TypeError) as e:  # e.g. a mode name this version does not know
-            entry["skipped"] = f"apply_self_npo refused it: {e}"
-            log(f"  {row.name}: skipped ({entry['skipped']})")
-            continue
-        for g in ctx.budget.guidance_scales:
-            entry["points"].append(score_point(model, ctx, g, row.name))
+        for g in budget.guidance_scales:
+            entry["points"].append(point([done[(row.name, g, s)] for s in budget.seeds], g))
             log(_point_line(row.name, entry["points"][-1]))
-    return results
+    return unguided, entries
 
 
 # ------------------------------------------------------------------------------------------------
 # the run
 
-@dataclass
-class Context:
-    budget: Budget
-    work_dir: Path
-    digits: Digits = None
-    reference: object = None
-    model: object = None
-    clip: object = None
-    conds: object = None
-    labels: object = None
-    negatives: dict = field(default_factory=dict)
-    interval_percents: tuple = (0.0, 1.0)
-    samples: dict = field(default_factory=dict)   # (row name, g) -> first seed's images
-
-
 @contextmanager
 def stage(timings: dict, name: str, log):
-    """Wall time of a stage into timings[name], its CPU time (all threads) into timings["cpu"][name]:
-    on a shared machine the CPU time shows what the stage costs when it has the cores to itself."""
+    """Wall time of a stage into timings[name], the CPU time of this process into timings["cpu"][name]
+    (add_worker_cpu adds the workers'): on a shared machine the CPU time says what it costs alone."""
     log(f"{name} ...")
     start, cpu = time.perf_counter(), time.process_time()
     yield
     timings[name] = round(time.perf_counter() - start, 1)
-    timings.setdefault("cpu", {})[name] = round(time.process_time() - cpu, 1)
-    log(f"{name}: {timings[name]} s (CPU {timings['cpu'][name]} s)")
+    cpu_times = timings.setdefault("cpu", {})
+    cpu_times[name] = round(cpu_times.get(name, 0.0) + time.process_time() - cpu, 1)
+    log(f"{name}: {timings[name]} s (CPU {cpu_times[name]} s)")
 
 
-def run(budget: Budget, work_dir: Path, rows=ROWS, log=print):
+class JobRunner:
+    """Runs jobs in this process (one worker) or in `workers` single-threaded processes, and counts
+    the CPU time the worker processes report (this process's own is counted by `stage`)."""
+
+    def __init__(self, setup, workers: int, timings: dict):
+        self.setup, self.workers, self.timings, self.pool = setup, workers, timings, None
+
+    def __enter__(self):
+        if self.workers <= 1:
+            pipeline.init_worker(self.setup, boot=False)
+        else:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("spawn").Pool(self.workers, pipeline.init_worker, (self.setup, True))
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate() if exc[0] else self.pool.close()
+            self.pool.join()
+
+    def map(self, fn, jobs, stage_name: str):
+        """Results of fn(job) as they finish; fn returns (..., CPU seconds)."""
+        results = map(fn, jobs) if self.pool is None else self.pool.imap_unordered(fn, jobs)
+        for result in results:
+            if self.pool is not None:
+                cpu = self.timings.setdefault("cpu", {})
+                cpu[stage_name] = round(cpu.get(stage_name, 0.0) + result[-1], 1)
+            yield result[:-1]
+
+
+def interval_percents() -> tuple:
+    """INTERVAL_SIGMAS as ComfyUI start/end percents of the digits model's noise schedule."""
+    from comfy_selfnpo import digits_model as dm
+
+    sampling = dm.model_sampling()
+    return tuple(round(dm.sigma_to_percent(s, sampling), 3) for s in INTERVAL_SIGMAS)
+
+
+def prepare(setup, budget: Budget, timings: dict, log, reuse_base: bool):
+    """Data, classifier and base model: (digits, reference, reference scores, base-model losses)."""
+    import quality_metrics as qm
+
+    with stage(timings, "data and classifier", log):
+        digits = pipeline.split_digits(budget.per_class, budget.data_seed)
+        classifier = qm.train_classifier(digits.train_images, digits.train_labels, seed=budget.data_seed,
+                                         epochs=budget.classifier_epochs)
+        reference = qm.Reference.from_images(classifier, digits.test_images)
+        references = reference_scores(reference, digits, budget)
+    with stage(timings, "base model", log):
+        losses = pipeline.train_base_model(setup, digits, log, reuse=reuse_base)
+    return digits, reference, references, losses
+
+
+def run(budget: Budget, work_dir: Path, rows=ROWS, log=print, workers: int = 2, reuse_base: bool = False):
     """The whole benchmark. Returns (results: what quality.json holds, samples: (row name, g) ->
     the first seed's images [N, 8, 8], plus the held-out real digits under REAL)."""
     import torch
-    import comfy.model_management
-    import quality_metrics as qm
     from comfy_selfnpo import digits_model as dm
 
     torch.set_num_threads(budget.threads)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-               "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-    ctx, timings, start = Context(budget, Path(work_dir)), {}, time.perf_counter()
-    with stage(timings, "data and classifier", log):
-        ctx.digits = split_digits(budget.per_class, budget.data_seed)
-        classifier = qm.train_classifier(ctx.digits.train_images, ctx.digits.train_labels,
-                                         seed=budget.data_seed, epochs=budget.classifier_epochs)
-        ctx.reference = qm.Reference.from_images(classifier, ctx.digits.test_images)
-        ctx.labels = ctx.digits.test_labels.sort().values  # per_class of each class, grouped
-        references = reference_scores(ctx)
-    with stage(timings, "base model", log):
-        base = train_base_model(ctx.digits, budget, log)
-        ctx.model, ctx.clip, ctx.conds, base_losses = base.model, base.clip, base.conds, base.losses
-        ctx.interval_percents = tuple(round(dm.sampling_sigma_to_percent(ctx.model, s), 3) for s in INTERVAL_SIGMAS)
-    needed = {r.negative for r in rows if r.negative and not unsupported_reason(r, ctx.interval_percents)}
-    losses = {"base": base_losses}
-    for name in NEGATIVES:
-        if name in needed:
-            with stage(timings, f"negative model {name}", log):
-                ctx.negatives[name], losses[name] = NEGATIVES[name](ctx, budget, log)
-    with stage(timings, "sampling and metrics", log):
-        unguided = score_point(ctx.model, ctx, 1.0, UNGUIDED)
-        log(_point_line(UNGUIDED, unguided))
-        rows_out = sweep(ctx, rows, log)
-    comfy.model_management.unload_all_models()
+               "workers": workers, "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    setup, timings, start = pipeline.Setup(str(work_dir), asdict(budget)), {}, time.perf_counter()
+    digits, reference, references, base_losses = prepare(setup, budget, timings, log, reuse_base)
+    interval = interval_percents()
+    runnable = [r for r in rows if not unsupported_reason(r, interval)]
+    needed = [n for n in pipeline.NEGATIVES if any(r.negative == n for r in runnable)]
+    losses, done, refused, samples = {"base": base_losses}, {}, {}, {}
+    with JobRunner(setup, workers, timings) as runner:
+        with stage(timings, "negative models", log):
+            for name, curve in runner.map(pipeline.train_negative_job, needed, "negative models"):
+                losses[name] = curve
+                log(f"  {name}: {len(curve)} steps, final loss {curve[-1]:.4g}")
+        with stage(timings, "sampling and metrics", log):
+            jobs = sample_jobs(runnable, budget, interval)
+            for job, images, refusal in runner.map(pipeline.sample_job, jobs, "sampling and metrics"):
+                if refusal is not None:
+                    refused[job.row] = refusal
+                    continue
+                done[(job.row, job.g, job.seed)] = reference.score(images, digits.sample_labels)
+                if job.seed == budget.seeds[0]:
+                    samples[(job.row, job.g)] = images
+            unguided, entries = collect(rows, budget, interval, done, refused, log)
     timings["total"] = round(time.perf_counter() - start, 1)
     timings["cpu"]["total"] = round(sum(timings["cpu"].values()), 1)
-    ctx.samples[(REAL, 1.0)] = ctx.digits.test_images[ctx.digits.test_labels.argsort(stable=True)]
+    samples[(REAL, 1.0)] = digits.test_images[digits.test_labels.argsort(stable=True)]
     results = {
-        "budget": asdict(budget), "machine": machine, "interval_percents": list(ctx.interval_percents),
-        "interval_sigmas": list(INTERVAL_SIGMAS), "unet_parameters": dm.count_parameters(ctx.model),
-        "timings_s": timings, "references": references, "unguided": unguided, "rows": rows_out,
-        "final_losses": {k: v[-1] for k, v in losses.items()},
+        "budget": asdict(budget), "machine": machine, "interval_percents": list(interval),
+        "interval_sigmas": list(INTERVAL_SIGMAS), "unet_parameters": pipeline.unet_parameters(setup),
+        "timings_s": timings, "references": references, "unguided": unguided, "rows": entries,
+        "final_losses": {k: (v[-1] if v else None) for k, v in losses.items()},
     }
     results["best_fd"] = best_points(results)
-    return results, ctx.samples
+    return results, samples
 
 
-def reference_scores(ctx) -> dict:
-    """What the metrics give for real digits (a training subset the size of the reference set)
-    and for uniform noise: the scale the generated numbers are read against."""
+def reference_scores(reference, digits, budget: Budget) -> dict:
+    """What the metrics give for real digits (a random training subset the size of the reference
+    set) and for uniform noise: the scale the generated numbers are read against."""
     import torch
 
-    d = ctx.digits
-    gen = torch.Generator().manual_seed(ctx.budget.data_seed)
-    order = torch.randperm(d.train_labels.shape[0], generator=gen)  # random: the data come grouped by writer
-    picks = torch.cat([order[d.train_labels[order] == c][:ctx.budget.per_class] for c in range(10)])
-    noise = torch.rand(d.test_images.shape, generator=gen)
-    return {"real_train_digits": ctx.reference.score(d.train_images[picks], d.train_labels[picks]),
-            "real_test_digits_accuracy": ctx.reference.score(d.test_images, d.test_labels)["accuracy"],
-            "uniform_noise": ctx.reference.score(noise, d.test_labels)}
+    gen = torch.Generator().manual_seed(budget.data_seed)
+    order = torch.randperm(digits.train_labels.shape[0], generator=gen)  # random: the data come grouped by writer
+    picks = torch.cat([order[digits.train_labels[order] == c][:budget.per_class] for c in range(10)])
+    noise = torch.rand(digits.test_images.shape, generator=gen)
+    return {"real_train_digits": reference.score(digits.train_images[picks], digits.train_labels[picks]),
+            "real_test_digits_accuracy": reference.score(digits.test_images, digits.test_labels)["accuracy"],
+            "uniform_noise": reference.score(noise, digits.test_labels)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,8 +360,7 @@ def write_outputs(results: dict, samples: dict, out: Path) -> dict[str, Path]:
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, paths["json"])
     quality_plot.frontier_figure(results).save(paths["frontier"])
-    g = shown_scale(Budget(**{**results["budget"], "seeds": tuple(results["budget"]["seeds"]),
-                              "guidance_scales": tuple(results["budget"]["guidance_scales"])}))
+    g = shown_scale(Budget.from_dict(results["budget"]))
     per_class = results["budget"]["per_class"]
     keep = [c * per_class + i for c in range(10) for i in range(min(2, per_class))]  # 2 of each class
     strips = [(REAL, samples[(REAL, 1.0)]), (UNGUIDED, samples[(UNGUIDED, 1.0)])]
@@ -473,7 +381,11 @@ def publish(paths: dict[str, Path]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the budget's)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes for negative-model training and sampling (results do not depend on it)")
+    parser.add_argument("--reuse-base", action="store_true",
+                        help="development aid: keep the base model of an earlier run with the same budget in "
+                             "the work folder instead of training it again (the wall time then leaves it out)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for quality.json and the figures")
     parser.add_argument("--publish", action="store_true",
                         help="also copy the figure and JSON to docs/ (what the README shows)")
@@ -483,10 +395,9 @@ def main(argv=None) -> int:
 
     logging.getLogger().setLevel(logging.WARNING)
     budget = BUDGETS[args.budget]
-    if args.threads:
-        budget = replace(budget, threads=args.threads)
     out = Path(args.out)
-    results, samples = run(budget, out / "quality_work")
+    results, samples = run(budget, out / f"quality_work_{args.budget}", workers=args.workers,
+                           reuse_base=args.reuse_base)
     results["budget_name"] = args.budget
     paths = write_outputs(results, samples, out)
     print(table(results))

@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCH))
 
 import quality  # noqa: E402
 import quality_metrics as qm  # noqa: E402
+import quality_pipeline as pipeline  # noqa: E402
 
 from comfy_selfnpo import digits_model  # noqa: E402
 
@@ -66,7 +67,8 @@ def test_digit_latents_round_trip_and_fill_all_channels():
 def test_quality_benchmark_runs_end_to_end_at_a_toy_budget(tmp_path):
     budget = replace(quality.BUDGETS["toy"], guidance_scales=(2.0, 4.0), seeds=(0,))
     messages = []
-    results, samples = quality.run(budget, tmp_path / "work", log=messages.append)
+    # two worker processes, as the benchmark runs by default
+    results, samples = quality.run(budget, tmp_path / "work", log=messages.append, workers=2)
     paths = quality.write_outputs(results, samples, tmp_path)
 
     saved = json.loads(paths["json"].read_text())
@@ -99,6 +101,16 @@ def test_quality_benchmark_runs_end_to_end_at_a_toy_budget(tmp_path):
         if name != "cfg":
             assert [p["fd"][0] for p in row["points"]] != cfg_fd, name
     assert not torch.equal(samples[("cfg", 4.0)], samples[("npo · Self-NPO data-free", 4.0)])
+    # a job gives the same images in this process as it gave in a worker: the results do not depend
+    # on the number of workers
+    pipeline.init_worker(pipeline.Setup(str(tmp_path / "work"), quality.asdict(budget)), boot=False)
+    try:
+        for row in ("cfg", "npo · fine-tune control"):
+            negative = next(r.negative for r in quality.ROWS if r.name == row)
+            job, images, refusal, _cpu = pipeline.sample_job(pipeline.SampleJob(row, negative, (), 4.0, 0))
+            assert refusal is None and torch.equal(images, samples[(row, 4.0)])
+    finally:
+        pipeline.WORKER.clear()
 
     frontier = Image.open(paths["frontier"])
     assert frontier.width > 1000 and frontier.height > 400
