@@ -75,6 +75,12 @@ class Axes:
         for label, (px, py) in zip(labels or [], pixels):
             self.draw.text((px + 5, py - 5), label, fill=color, font=font(11), anchor="ld")
 
+    def hline(self, y: float, label: str):
+        """A grey dashed reference line across the panel."""
+        a, b = self.xy(self.xlim[0], y), self.xy(self.xlim[1], y)
+        self._line(a, b, GREY, dashed=True)
+        self.draw.text((a[0] + 4, a[1] - 3), label, fill=(110, 110, 110), font=font(11), anchor="ld")
+
     def _line(self, a, b, color, dashed: bool):
         if not dashed:
             self.draw.line([a, b], fill=color, width=2)
@@ -106,7 +112,7 @@ def frontier_figure(results: dict) -> Image.Image:
     panel_w, panel_h, margin = 460, 400, 70
     skipped = [r["name"] for r in results["rows"] if r["skipped"]]
     legend_h = 22 * (len(curves) + 3 + (len(skipped) + 2) // 3)
-    image = Image.new("RGB", (3 * panel_w + 2 * margin, panel_h + 2 * margin + legend_h), WHITE)
+    image = Image.new("RGB", (3 * panel_w + margin, panel_h + 2 * margin + legend_h), WHITE)
     draw = ImageDraw.Draw(image)
     points = [p for _, _, _, ps in curves for p in ps]
     gs = [p["g"] for p in points]
@@ -119,8 +125,9 @@ def frontier_figure(results: dict) -> Image.Image:
     pr = Axes(draw, box(0), _limits([p["recall"][0] for p in points] + [real["recall"]]),
               _limits([p["precision"][0] for p in points] + [real["precision"]]),
               "precision vs recall (up and right is better)", "recall", "precision")
-    fd = Axes(draw, box(1), _limits(gs), _limits([p["fd"][0] for p in points]),
+    fd = Axes(draw, box(1), _limits(gs), _limits([p["fd"][0] for p in points] + [real["fd"]]),
               "Frechet distance vs g (lower is better)", "guidance scale g", "FD")
+    fd.hline(real["fd"], "real digits")
     acc = Axes(draw, box(2), _limits(gs), _limits([p["accuracy"][0] for p in points]),
                "requested-class accuracy vs g", "guidance scale g", "accuracy")
     rx, ry = pr.xy(real["recall"], real["precision"])
