@@ -190,8 +190,8 @@ def ours(spec: dict) -> dict:
                       batch_size=spec["batch"], resolution=res, learning_rate=1e-6 if spec["mode"] == "full" else 1e-4,
                       mixed_precision="fp16" if spec["amp"] else "no", gradient_checkpointing=spec["grad_ckpt"],
                       lora_rank=16, lora_alpha=16.0, lora_targets="attn", steps=10 ** 6)
+    # the trainer encodes the data when it is built: outside the timing
     trainer = TDFTTrainer(model, clip, vae, ImageCaptionFolder(folder, res), cfg, work / "run", device=device)
-    trainer._prepare()  # encode the data outside the timing
     comfy.model_management.soft_empty_cache()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -200,7 +200,7 @@ def ours(spec: dict) -> dict:
         r = trainer.train_step()
         return r.teacher_s, r.student_s
 
-    n_params = sum(p.numel() for p in trainer._trainable())
+    n_params = sum(p.numel() for p in trainer.trained.parameters())
     return _measure(one_step, spec, device, params=n_params)
 
 

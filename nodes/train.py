@@ -13,7 +13,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from ..training.config import PRESETS
+from ..training.config import PRESETS, describe
 
 log = logging.getLogger("comfy_selfnpo")
 
@@ -78,18 +78,19 @@ class SelfNPOTrainTDFT(io.ComfyNode):
                                tooltip="sd15/sdxl: the authors' published full fine-tuning recipes; lora-*: "
                                        "LoRA sized for 8/12/16/24 GB GPUs (frozen base as teacher)."),
                 io.Int.Input("steps", default=0, min=0, max=1_000_000,
-                             tooltip="Optimizer steps (0 = the preset's, 1000)."),
+                             tooltip=f"{describe('steps')}; 0 = the preset's."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-7, round=False,
-                               tooltip="0 = the preset's (1e-6 SD1.5, 1e-7 SDXL, 1e-4 LoRA)."),
-                io.Int.Input("lora_rank", default=0, min=0, max=1024, tooltip="LoRA presets only; 0 = the preset's."),
+                               tooltip=f"{describe('learning_rate')}; 0 = the preset's."),
+                io.Int.Input("lora_rank", default=0, min=0, max=1024,
+                             tooltip=f"{describe('lora_rank')}; LoRA presets only; 0 = the preset's."),
                 io.Combo.Input("teacher", options=TEACHER_CHOICES, default="preset",
-                               tooltip="ema: EMA of the student (the paper); base: the frozen initial model "
-                                       "(cheaper)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False),
+                               tooltip=f"{describe('teacher')}; preset = the preset's."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip=describe("seed")),
                 io.String.Input("output_name", default="self_npo_negative",
                                 tooltip="File name in models/self_npo (no extension). The same name resumes."),
                 io.Int.Input("save_every", default=100, min=0, max=1_000_000,
-                             tooltip="Resumable checkpoint every N steps (0 = only at the end or on cancel)."),
+                             tooltip=describe("save_every") + "; step files go to models/self_npo."),
                 io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
                              tooltip="Every N steps, show the first prompt sampled with plain CFG and with "
                                      "NPO-CFG in the progress preview (0 = never)."),
@@ -117,7 +118,8 @@ class SelfNPOTrainTDFT(io.ComfyNode):
         from ..training.data import ImageCaptionFolder, PromptList
         from ..training.errors import TrainingCancelled
         from ..training.run_files import image_to_tensor
-        from ..training.session import SessionOptions, TrainingOutOfMemory, TrainingSession
+        from ..training.errors import OutOfMemory
+        from ..training.session import SessionOptions, TrainingSession
         from ..training.settings import build_config
 
         paths, name = run_paths(output_name)
@@ -164,7 +166,7 @@ class SelfNPOTrainTDFT(io.ComfyNode):
             log.warning("Self-NPO Train: %s", e)
             mm.interrupt_current_processing(False)
             raise mm.InterruptProcessingException() from e
-        except TrainingOutOfMemory as e:
+        except OutOfMemory as e:
             raise RuntimeError(f"Self-NPO Train: {e}") from e
         finally:
             mm.soft_empty_cache()

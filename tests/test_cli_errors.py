@@ -180,16 +180,17 @@ def test_resume_without_a_checkpoint(files, capsys):
 # ------------------------------------------------------------------ memory
 
 def test_out_of_memory_saves_a_checkpoint_and_prints_a_hint(files, capsys, monkeypatch):
-    from comfy_selfnpo.training.trainer import TDFTTrainer
+    from comfy_selfnpo.training.trained import LoRAWeights
 
-    real_micro_batch = TDFTTrainer._micro_batch
+    real_forward, calls = LoRAWeights.student_forward, []
 
-    def micro_batch_then_oom(self):  # the second step's forward pass does not fit
-        if self.step == 1:
+    def forward_then_oom(self, *args):  # the second step's student forward pass does not fit
+        calls.append(1)
+        if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_micro_batch(self)
+        return real_forward(self, *args)
 
-    monkeypatch.setattr(TDFTTrainer, "_micro_batch", micro_batch_then_oom)
+    monkeypatch.setattr(LoRAWeights, "student_forward", forward_then_oom)
     out = files / "out"
     code, err = run(capsys, *base_args(files, out, "--save-every", 0, steps=3))
     assert code == cli.EXIT_OOM
@@ -250,7 +251,7 @@ def test_bad_arguments(files, capsys):
 
 def test_separate_diffusion_model_and_vae_files_replace_the_checkpoint_parts(files, capsys, tiny):
     import comfy.utils
-    from comfy_selfnpo.training.trainer import base_model_hash
+    from comfy_selfnpo.training.identity import model_identity
 
     other = tiny.build_checkpoint("sd15", seed=3)
     comfy.utils.save_torch_file(other.model.model.diffusion_model.state_dict(), str(files / "unet.safetensors"))
@@ -261,8 +262,8 @@ def test_separate_diffusion_model_and_vae_files_replace_the_checkpoint_parts(fil
     assert code == cli.EXIT_OK, err
     s = summary(out)
     assert s["model"] == "checkpoint tiny.safetensors, diffusion model unet.safetensors, VAE vae.safetensors"
-    assert s["base_model_hash"] == base_model_hash(other.model)  # trained the separate UNet ...
-    assert s["base_model_hash"] != base_model_hash(tiny.build_model("sd15", seed=0))  # ... not the checkpoint's
+    assert s["base_model_hash"] == model_identity(other.model)  # trained the separate UNet ...
+    assert s["base_model_hash"] != model_identity(tiny.build_model("sd15", seed=0))  # ... not the checkpoint's
 
     (files / "bad_vae.safetensors").write_bytes(b"\x00" * 64)
     code, err = run(capsys, *base_args(files, files / "out2"), "--vae", files / "bad_vae.safetensors")

@@ -1,4 +1,4 @@
-"""LoRA adapters trained through ComfyUI's own UNet, and gradient checkpointing for it.
+"""LoRA adapters trained through ComfyUI's own UNet.
 
 The adapters are ours: trainable `down`/`up` matrices per targeted Linear/Conv2d, added to the
 layer's output by a forward hook (y = W·x + (α/r)·up·down·x). Hooks are attached only while the
@@ -107,7 +107,7 @@ class LoRAAdapters(torch.nn.Module):
             self.ema.load_state_dict(self.layers.state_dict())
             self.ema.requires_grad_(False)
         self.rank, self.alpha = rank, float(alpha)
-        self.active = "student"  # "student" | "ema" | "off"
+        self._active = self.layers  # the adapter set the hooks add: student, EMA, or None (adapter off)
 
     def trainable_parameters(self):
         return list(self.layers.parameters())
@@ -135,24 +135,20 @@ class LoRAAdapters(torch.nn.Module):
 
     @contextlib.contextmanager
     def use(self, which: str):
-        previous, self.active = self.active, which
+        """Forward passes inside the block add the "student" adapter, its "ema" copy, or nothing ("off")."""
+        previous = self._active
+        self._active = {"student": self.layers, "ema": self.ema, "off": None}[which]
         try:
             yield
         finally:
-            self.active = previous
+            self._active = previous
 
     def _make_hook(self, key: str):
         def hook(module, inputs, output):
-            if self.active == "off":
+            if self._active is None:
                 return None
-            layers = self.layers if self.active == "student" else self.ema
-            return output + layers[key](inputs[0]).to(output.dtype)
+            return output + self._active[key](inputs[0]).to(output.dtype)
         return hook
-
-    @torch.no_grad()
-    def update_ema(self, decay: float) -> None:
-        from .ema import ema_update
-        ema_update(list(self.ema.parameters()), list(self.layers.parameters()), decay)
 
     def weight_deltas(self) -> dict[str, torch.Tensor]:
         """Module name -> ΔW of the student adapter."""
@@ -187,52 +183,3 @@ def kohya_names(base_model, module_names: list[str]) -> dict[str, str]:
         candidates = [k for k in by_unet_key.get(f"diffusion_model.{n}.weight", []) if k != ldm]
         out[n] = sorted(candidates)[0] if candidates else ldm
     return out
-
-
-# ------------------------------------------------------------------ gradient checkpointing
-
-
-def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks whose activations are recomputed in the backward pass: the UNet's input, middle
-    and output blocks; for other architectures the entries of every top-level ModuleList."""
-    blocks = []
-    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
-        # ComfyUI's UNet runs a TimestepEmbedSequential layer by layer (forward_timestep_embed), never
-        # through the sequence's own forward: wrap its layers (ResBlocks, SpatialTransformers, ...)
-        seqs = list(diffusion_model.input_blocks) + list(diffusion_model.output_blocks)
-        if getattr(diffusion_model, "middle_block", None) is not None:
-            seqs.append(diffusion_model.middle_block)
-        for seq in seqs:
-            blocks += list(seq) if isinstance(seq, torch.nn.Sequential) else [seq]
-    else:
-        for child in diffusion_model.children():
-            if isinstance(child, torch.nn.ModuleList):
-                blocks += list(child)
-    return blocks
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True):
-    """Recompute block activations during backward (torch.utils.checkpoint, non-reentrant) instead
-    of storing them. ComfyUI's own `checkpoint()` helper is a no-op, so we wrap block forwards."""
-    if not enabled:
-        yield
-        return
-    import torch.utils.checkpoint as cp
-
-    patched = []
-    for block in checkpoint_blocks(diffusion_model):
-        original = block.forward
-
-        def fwd(*args, _orig=original, **kwargs):
-            if not torch.is_grad_enabled():
-                return _orig(*args, **kwargs)
-            return cp.checkpoint(lambda a, k: _orig(*a, **k), args, kwargs, use_reentrant=False)
-
-        block.forward = fwd
-        patched.append(block)
-    try:
-        yield
-    finally:
-        for block in patched:
-            del block.forward  # back to the class's forward

@@ -1,6 +1,6 @@
 """The files a training run leaves next to its weights: loss CSV, loss plot PNG, preview PNGs and a
 JSON summary. Shared by the training node and `comfy-selfnpo-train`; every write is atomic
-(`checkpoint.atomic_write`), so a crash or a full disk never leaves a half-written file behind.
+(`atomic_files.atomic_write`), so a crash or a full disk never leaves a half-written file behind.
 
 The plot is drawn with PIL (no matplotlib: the pack's dependencies stay torch + ComfyUI's own).
 """
@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import atomic_write, save_json
+from . import checkpoint
+from .atomic_files import atomic_write, save_json
 
 CSV_COLUMNS = ("step", "loss", "lr", "teacher_s", "student_s", "elapsed_s")
 
@@ -45,7 +46,24 @@ class RunPaths:
         return self.run_dir / "summary.json"
 
     def has_checkpoint(self) -> bool:
-        return (self.checkpoint / "state.pt").is_file()
+        return checkpoint.exists(self.checkpoint)
+
+    def step_weights(self, step: int) -> Path:
+        """The weights exported at a save step, beside the final file (kohya/ai-toolkit naming)."""
+        return self.weights.with_name(f"{self.weights.stem}-step{step:06d}{self.weights.suffix}")
+
+    def step_weight_files(self) -> list[Path]:
+        """This run's exported step files, oldest first."""
+        pattern = f"{self.weights.stem}-step[0-9][0-9][0-9][0-9][0-9][0-9]{self.weights.suffix}"
+        return sorted(self.weights.parent.glob(pattern))
+
+    def rotate_step_weights(self, keep_last: int) -> list[Path]:
+        """Delete all but the newest `keep_last` step files (0 keeps all); returns the deleted ones."""
+        files = self.step_weight_files()
+        doomed = files[:-keep_last] if keep_last else []
+        for path in doomed:
+            path.unlink(missing_ok=True)
+        return doomed
 
 
 # ---------------------------------------------------------------- loss log

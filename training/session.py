@@ -5,6 +5,9 @@ spending any compute, resume (or refuse to) from the run's checkpoint, keep the 
 render previews, export the weights, write a JSON summary, and turn a cancel, an out-of-memory error
 or a full disk into a clear message with a resumable checkpoint left behind. They differ only in how
 they report progress and where files go, which they pass in (`RunPaths`, callbacks).
+
+With several processes (torchrun) every process runs the session; only the main one writes files
+(`world.main_only`): logs, previews, exports, summary.
 """
 from __future__ import annotations
 
@@ -21,22 +24,15 @@ from typing import Callable
 import torch
 
 from . import run_files
-from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError
+from .distributed import LocalWorld
+from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError, out_of_memory
 from .run_files import RunPaths
 
 log = logging.getLogger("comfy_selfnpo.training")
 
-OOM_HINT = ("Out of memory. Try, in this order: a LoRA preset (lora-8gb/lora-12gb), a smaller "
-            "batch_size (raise grad_accum to keep the effective batch), gradient_checkpointing=true, "
-            "a lower resolution, mixed_precision=bf16/fp16, or teacher=base (no EMA copy).")
-
 
 class OutputError(TrainingError):
     """The output location cannot be written (missing permission, disk full, bad name)."""
-
-
-class TrainingOutOfMemory(TrainingError):
-    """Training ran out of (GPU) memory; what could be saved was saved, the message says how to fit."""
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
@@ -111,11 +107,12 @@ class SessionResult:
 
 class TrainingSession:
     def __init__(self, model, clip, vae, data, config, paths: RunPaths, options: SessionOptions | None = None,
-                 device=None):
+                 device=None, world=None):
         self.model, self.clip, self.vae, self.data = model, clip, vae, data
         self.config, self.paths = config, paths
         self.options = options or SessionOptions()
         self.device = device
+        self.world = world or LocalWorld()
         self.trainer = None
         self.rows: list[dict] = []
         self.started = time.perf_counter()
@@ -127,16 +124,14 @@ class TrainingSession:
         from .trainer import TDFTTrainer
 
         opts, paths = self.options, self.paths
-        check_writable(paths.run_dir)
-        check_writable(paths.weights.parent)
-        exists = paths.has_checkpoint()
+        exists = self.world.from_main(self._check_output)  # the main process's files decide for all
         if opts.require_resume and not exists:
             raise TrainingError(f"--resume: there is no checkpoint to resume from at {str(paths.checkpoint)!r}")
         if exists and not opts.resume and opts.refuse_existing:
             raise OutputError(f"{str(paths.run_dir)!r} already holds a training checkpoint; pass --resume to "
                               "continue it, or choose another output folder/name (nothing was overwritten)")
         self.trainer = TDFTTrainer(self.model, self.clip, self.vae, self.data, self.config, paths.run_dir,
-                                   device=self.device, log=log.info)
+                                   device=self.device, log=log.info, world=self.world)
         if exists and opts.resume:
             self.trainer.load_checkpoint(paths.checkpoint)  # ResumeMismatch says what differs
             self.resumed_from = self.trainer.step
@@ -144,21 +139,24 @@ class TrainingSession:
             log.info("resuming %s at step %d of %d", paths.run_dir, self.trainer.step, self.config.steps)
         return self.trainer
 
+    def _check_output(self) -> bool:
+        """Whether the run folder holds a checkpoint, after checking the outputs can be written."""
+        check_writable(self.paths.run_dir)
+        check_writable(self.paths.weights.parent)
+        return self.paths.has_checkpoint()
+
     # ------------------------------------------------------------ run
 
     def _on_step(self, result):
         elapsed = time.perf_counter() - self.started
         self.rows.append({"step": result.step, "loss": result.loss, "lr": result.lr,
                           "teacher_s": result.teacher_s, "student_s": result.student_s, "elapsed_s": elapsed})
-        save_every = self.config.save_every
-        if save_every and result.step % save_every == 0:
-            self._write_logs()
         if self.options.on_step is not None:
             self.options.on_step(Progress(result.step, self.config.steps, result.loss, result.lr, elapsed))
         every = self.options.preview_every
         if every and (result.step % every == 0 or result.step == self.config.steps):
             try:
-                self.preview(result.step)
+                self.world.main_only(lambda: self.preview(result.step))
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # a preview is a convenience: it never ends a training run
@@ -177,6 +175,14 @@ class TrainingSession:
             self.options.on_preview(image, step)
         return image
 
+    def _on_save(self, step: int, folder) -> None:
+        """A periodic save: beside the checkpoint, the weights of this step (usable at once) and the logs."""
+        def write():
+            self.trainer.export(self.paths.step_weights(step))
+            self.paths.rotate_step_weights(self.config.keep_last)
+            self._write_logs()
+        self.world.main_only(write)
+
     def _write_logs(self):
         run_files.write_loss_csv(self.paths.loss_csv, self.rows)
         image = run_files.loss_plot([r["step"] for r in self.rows], [r["loss"] for r in self.rows])
@@ -187,8 +193,8 @@ class TrainingSession:
         trainer = self.trainer
         peak = getattr(result, "peak_memory_bytes", None)
         if peak is None:
-            from .trainer import _peak_memory
-            peak = _peak_memory(trainer.device) if trainer is not None else 0
+            from .trainer import peak_memory
+            peak = peak_memory(trainer.device) if trainer is not None else 0
         summary = {
             "status": status,
             "message": message,
@@ -214,35 +220,29 @@ class TrainingSession:
 
     def _finish_failed(self, status: str, message: str):
         """Best effort: logs and summary of a run that stopped early; never hides the real error."""
-        try:
+        def write():
             self._write_logs()
             run_files.save_summary(self.paths.summary, self._summary(status, message))
+        try:
+            self.world.main_only(write)
         except OSError as e:
             log.warning("could not write the run logs: %s", e)
 
     def run(self) -> SessionResult:
         if self.trainer is None:
             self.prepare()
-        trainer = self.trainer
         try:
-            result = trainer.train(on_step=self._on_step, should_stop=self.options.should_stop)
-            weights = trainer.export(self.paths.weights)
-            if not self.config.save_every or trainer.step % self.config.save_every:
-                trainer.save_checkpoint()  # a finished run stays resumable with more steps
+            result = self._train()
         except TrainingCancelled as e:
             self._finish_failed("cancelled", str(e))
             raise
         except (torch.OutOfMemoryError, OutOfMemory) as e:
-            # OutOfMemory: the trainer caught it inside a step and already saved the pre-step state;
-            # a bare torch error comes from elsewhere (optimizer, export, preview): save here.
-            if isinstance(e, OutOfMemory) and e.checkpoint_path is not None:
-                saved = (f"A resumable checkpoint was saved to {e.checkpoint_path}: resume it with the same "
-                         "settings where more memory is free, or start a new run with smaller ones.")
-            else:
-                saved = self._save_after_oom()
-            message = f"{OOM_HINT} {saved} (step {trainer.step}; {str(e).splitlines()[0] if str(e) else ''})"
-            self._finish_failed("out_of_memory", message)
-            raise TrainingOutOfMemory(message) from e
+            # from a step, the trainer has saved the state before it; a bare torch error comes from
+            # elsewhere (optimizer, export, preview): save here
+            path = getattr(e, "checkpoint_path", None) or self._save_after_oom()
+            error = out_of_memory(e, self.trainer.step, checkpoint_path=path)
+            self._finish_failed("out_of_memory", str(error))
+            raise error from e
         except NonFiniteLoss as e:
             self._finish_failed("non_finite_loss", str(e))
             raise
@@ -253,21 +253,34 @@ class TrainingSession:
         except KeyboardInterrupt:
             self._finish_failed("cancelled", "interrupted")
             raise
-        loss_image = self._write_logs()
-        summary = self._summary("finished", result=result)
-        summary["paths"]["weights"] = str(weights)
-        run_files.save_summary(self.paths.summary, summary)
-        return SessionResult(trainer, Path(weights), trainer.step, summary["seconds"], self.rows, summary, loss_image)
+        return self._finish(result)
 
-    def _save_after_oom(self) -> str:
+    def _train(self):
+        trainer = self.trainer
+        result = trainer.train(on_step=self._on_step, should_stop=self.options.should_stop, on_save=self._on_save)
+        if not self.config.save_every or trainer.step % self.config.save_every:
+            trainer.save_checkpoint()  # first: a finished run stays resumable with more steps
+        self.world.main_only(lambda: trainer.export(self.paths.weights))
+        return result
+
+    def _finish(self, result) -> SessionResult:
+        def write():
+            image = self._write_logs()
+            summary = self._summary("finished", result=result)
+            summary["paths"]["weights"] = str(self.paths.weights)
+            run_files.save_summary(self.paths.summary, summary)
+            return image, summary
+        loss_image, summary = self.world.main_only(write) or (None, {})
+        return SessionResult(self.trainer, self.paths.weights, self.trainer.step,
+                             round(time.perf_counter() - self.started, 3), self.rows, summary, loss_image)
+
+    def _save_after_oom(self):
+        """The checkpoint folder, or None when memory is too tight to gather the state."""
         import comfy.model_management
 
         comfy.model_management.soft_empty_cache()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         try:
-            path = self.trainer.save_checkpoint()
-            return (f"A resumable checkpoint was saved to {path}: resume it with the same settings where more "
-                    "memory is free, or start a new run with smaller ones.")
-        except Exception as e:  # memory may still be too tight to gather the state
-            return f"No checkpoint could be saved ({type(e).__name__}); the last periodic one is kept."
+            return self.trainer.save_checkpoint()
+        except Exception as e:
+            log.warning("no checkpoint could be saved after running out of memory (%s)", type(e).__name__)
+            return None
