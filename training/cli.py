@@ -178,10 +178,15 @@ def _check_args(args) -> None:
 
 class StopRequest:
     """SIGINT/SIGTERM ask the trainer to stop at the next step boundary (it then saves a resumable
-    checkpoint); a second signal interrupts at once (the trainer still saves on KeyboardInterrupt)."""
+    checkpoint); a second signal interrupts at once (the trainer still saves on KeyboardInterrupt).
 
-    def __init__(self):
+    Under torchrun a second signal is expected, not a user's insistence: Ctrl+C reaches every process
+    and the launcher, which then sends SIGTERM to every process. There, every signal only asks for
+    the stop at the step boundary, which all processes reach together."""
+
+    def __init__(self, escalate: bool = True):
         self.signum = None
+        self.escalate = escalate
         self._previous = {}
 
     def __call__(self) -> bool:
@@ -189,10 +194,13 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if self.escalate:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
+        again = " (send it again to stop at once)" if self.escalate else ""
         print(f"\ncomfy-selfnpo-train: {signal.Signals(signum).name} received; stopping after this step "
-              "and saving a resumable checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+              f"and saving a resumable checkpoint{again}", file=sys.stderr, flush=True)
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -448,7 +456,9 @@ def _exit_code(e: BaseException, stop) -> int:
 def run(args) -> int:
     config = _config_from_args(args)
     paths = _run_paths(args, config)
-    stop = StopRequest()
+    from .distributed import launched_by_torchrun
+
+    stop = StopRequest(escalate=not launched_by_torchrun())
     world = None
     try:
         world = _world(args)

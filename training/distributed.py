@@ -36,7 +36,7 @@ class LocalWorld:
         """Global item indices of this process within a micro-batch."""
         return range(self.rank * per_process, (self.rank + 1) * per_process)
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, module: torch.nn.Module, may_skip_parameters: bool = False) -> torch.nn.Module:
         return module
 
     def accumulating(self, module, last: bool):
@@ -60,6 +60,9 @@ class LocalWorld:
         raised on every process."""
         return fn()
 
+    def barrier(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -73,14 +76,13 @@ class ProcessGroupWorld(LocalWorld):
     def __init__(self, rank: int, size: int, local_rank: int, device: torch.device):
         self.rank, self.size, self.local_rank, self.device = rank, size, local_rank, device
 
-    def wrap(self, module):
+    def wrap(self, module, may_skip_parameters: bool = False):
+        """DDP over `module`'s parameters. may_skip_parameters: some forward passes leave parameters
+        unused (DDP then searches the graph for them each step, which costs a little)."""
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # find_unused_parameters: some architectures skip layers for some inputs; broadcast_buffers
-        # off: the trainable modules have no running statistics to keep in sync
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
-                                       find_unused_parameters=True)
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=may_skip_parameters)
 
     def accumulating(self, module, last: bool):
         return contextlib.nullcontext() if last else module.no_sync()
@@ -130,6 +132,11 @@ class ProcessGroupWorld(LocalWorld):
         if kind == "error":
             raise value
         return value
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
 
     def close(self) -> None:
         import torch.distributed as dist

@@ -2,7 +2,7 @@
 an extension). Chosen once by `make_trained`; the trainer only uses the shared interface:
 
   student_forward / teacher_forward(x, sigma, cond)   x0-predictions (BaseModel.apply_model)
-  module, parameters()                                what the optimizer and DDP see
+  module, parameters(), may_skip_parameters           what the optimizer and DDP see
   active()                                            context in which forwards use the trained weights
   student_diffusion_model                             the network whose blocks gradient checkpointing wraps
   update_teacher()                                    the EMA step θ⁻ ← d·θ⁻ + (1 − d)·θ (no-op for a frozen teacher)
@@ -117,6 +117,7 @@ def rebuild_float32(base_model):
 
 class FullWeights:
     """Full fine-tuning (the paper): a float32 student copy of the whole diffusion model."""
+    may_skip_parameters = True  # architectures have layers some inputs never reach
 
     def __init__(self, base_model, config):
         self.base_model = base_model
@@ -181,6 +182,7 @@ class FullWeights:
 
 class LoRAWeights:
     """A LoRA adapter on the loaded model (extension): only the adapter's matrices train."""
+    may_skip_parameters = False  # every targeted layer runs in every forward pass
 
     def __init__(self, base_model, config):
         self.base_model = base_model

@@ -126,7 +126,7 @@ class TDFTTrainer:
             self._load_base(extra_bytes=3 * self.trained.own_bytes())  # copies + AdamW's two moments
             self.trained.to(self.device)
             self.optim = Optimization(self.trained.parameters(), config, self.device, self.log)
-            self.student = self.world.wrap(_StudentModule(self.trained))
+            self.student = self.world.wrap(_StudentModule(self.trained), self.trained.may_skip_parameters)
 
     # ------------------------------------------------------------------ pieces
 
@@ -218,7 +218,9 @@ class TDFTTrainer:
     # ------------------------------------------------------------------ the loop
 
     def _cancelled(self, reason: str) -> TrainingCancelled:
-        path = self.save_checkpoint()
+        self.save_checkpoint()
+        self.world.barrier()  # every process agreed to stop here: leave together, the checkpoint on disk
+        path = self.work_dir / "checkpoint"
         return TrainingCancelled(f"{reason} at step {self.step}; resumable checkpoint saved to {path}",
                                  checkpoint_path=path, step=self.step)
 
@@ -270,15 +272,14 @@ class TDFTTrainer:
             data_fingerprint=self.data.fingerprint(), global_batch=self.config.batch_size * self.world.size,
             processes=self.world.size)
 
-    def save_checkpoint(self, path=None) -> Path:
+    def save_checkpoint(self, path=None) -> Path | None:
         """Atomic resumable checkpoint (a folder holding state.pt), written by the main process only
-        (every process holds the same state). Returns the folder."""
+        (every process holds the same state). Returns the folder (None on the other processes)."""
         folder = Path(path) if path is not None else self.work_dir / "checkpoint"
         with torch.inference_mode(False):
-            self.world.main_only(lambda: checkpoint.write(folder, self.identity(), {
+            return self.world.main_only(lambda: checkpoint.write(folder, self.identity(), {
                 "step": self.step, "losses": list(self.losses), "trained": self.trained.state_dict(),
                 "optimization": self.optim.state_dict(), "starts": self.starts.state_dict()}))
-        return folder
 
     def load_checkpoint(self, path) -> None:
         """Restore everything saved by save_checkpoint (read by the main process, sent to the others);
