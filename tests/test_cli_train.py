@@ -93,6 +93,41 @@ def test_cli_weights_load_through_comfyui_lora_loader_and_the_negative_model_loa
     assert torch.equal(uncond_prediction(model, clip), base_pred)  # the base MODEL was left alone
 
 
+def test_cli_every_save_exports_usable_step_weights_and_keeps_the_last_few(full_run, workdir, comfy_dirs,
+                                                                         comfy_registry):
+    out, _ = full_run  # 8 steps, a save every 2, keep_last at its default 3
+    from comfy_selfnpo.nodes.negative_model import SelfNPONegativeModelLoader
+    from comfy_selfnpo.training.config import TDFTConfig
+
+    assert TDFTConfig().keep_last == 3
+    names = sorted(p.name for p in out.glob("neg-step*.safetensors"))
+    assert names == ["neg-step000004.safetensors", "neg-step000006.safetensors", "neg-step000008.safetensors"]
+    last, final = weights(out / names[-1]), weights(out / "neg.safetensors")
+    assert all(torch.equal(last[k], final[k]) for k in final)  # the last save is the final weights
+    earlier = weights(out / names[0])
+    assert any(not torch.equal(earlier[k], final[k]) for k in final)  # an earlier step is its own
+    meta = __import__("safetensors").safe_open(str(out / names[0]), "pt").metadata()
+    assert meta["comfy_selfnpo.steps"] == "4"
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(workdir / "tiny_sd15.safetensors"))
+    lora_model, _ = comfy.sd.load_lora_for_models(model, clip, earlier, 1.0, 0.0)
+    assert len(lora_model.patches) == sum(1 for k in earlier if k.endswith(".lora_down.weight")) > 0
+    shutil.copy(out / names[0], comfy_dirs["self_npo"] / names[0])
+    negative = SelfNPONegativeModelLoader.execute(model, f"self_npo/{names[0]}", 1.0, 0.0).result[0]
+    change = (uncond_prediction(negative, clip) - uncond_prediction(model, clip)).abs().max()
+    assert change > 1e-5
+    torch.testing.assert_close(uncond_prediction(negative, clip), uncond_prediction(lora_model, clip),
+                               rtol=0, atol=1e-5 + 1e-3 * float(change))
+
+
+def test_cli_keep_last_zero_keeps_every_step_file(workdir):
+    out = workdir / "keep-all"
+    proc = run_cli(["--checkpoint", workdir / "tiny_sd15.safetensors", "--prompts", workdir / "prompts.txt",
+                    *TINY_HPARAMS, "--steps", 4, "--save-every", 1, "--keep-last", 0, "--output", out])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.glob("self_npo-step*.safetensors")) == [
+        f"self_npo-step00000{i}.safetensors" for i in range(1, 5)]
+
+
 def test_cli_sigint_then_resume_gives_the_uninterrupted_weights(full_run, workdir):
     out_full, _ = full_run
     out = workdir / "interrupted"

@@ -136,6 +136,15 @@ def test_train_node_resumes_by_name_and_refuses_changed_hyper_parameters(comfy_r
         assert any(not torch.equal(first[k], second[k]) for k in first)  # two more steps trained
         lines = (run_dir(comfy_dirs) / "loss.csv").read_text().strip().splitlines()
         assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4]
+        # every save (every 2 steps) also exported the weights of that step next to the final file,
+        # where the loader lists them
+        from comfy_selfnpo.nodes.negative_model import list_npo_files
+
+        steps = sorted(p.name for p in comfy_dirs["self_npo"].glob(f"{NAME}-step*.safetensors"))
+        assert steps == [f"{NAME}-step000002.safetensors", f"{NAME}-step000004.safetensors"]
+        assert f"self_npo/{NAME}-step000002.safetensors" in list_npo_files()
+        step2 = safetensors.torch.load_file(str(comfy_dirs["self_npo"] / steps[0]))
+        assert all(torch.equal(step2[k], first[k]) for k in first)
 
         before = (run_dir(comfy_dirs) / "checkpoint" / "state.pt").read_bytes()
         with pytest.raises(ResumeMismatch, match="learning_rate"):

@@ -14,7 +14,7 @@ import torch
 
 from . import tdft
 from .atomic_files import load_torch, save_torch
-from .data import ImageCaptionFolder, LatentDataset
+from .data import ImageCaptionFolder, LatentDataset, PromptList
 from .errors import DataError
 
 
@@ -80,7 +80,7 @@ def encode_data(data, base_model, clip, vae, resolution: int, uncond: str, cache
     """Everything the steps need from the data, on the CPU. `uncond`: "empty_prompt" | "zeros"."""
     channels = int(base_model.latent_format.latent_channels)
     with torch.no_grad():
-        latents = _real_latents(data, base_model, vae, cache_dir, log)
+        latents = LATENTS[type(data)](data, base_model, vae, cache_dir, log)
         if latents is not None:
             latent_shape = tuple(latents.shape[1:])
         else:
@@ -99,11 +99,7 @@ def encode_data(data, base_model, clip, vae, resolution: int, uncond: str, cache
     return EncodedData(latents, item_conds, uncond_cond, latent_shape)
 
 
-def _real_latents(data, base_model, vae, cache_dir: Path, log):
-    if isinstance(data, LatentDataset):
-        return data.latents
-    if not isinstance(data, ImageCaptionFolder):
-        return None  # data-free
+def _encode_images(data, base_model, vae, cache_dir: Path, log):
     if vae is None:
         raise DataError("training on images needs the VAE of the checkpoint to encode them")
     path = _latent_cache_path(data, base_model, vae, cache_dir)
@@ -121,6 +117,14 @@ def _real_latents(data, base_model, vae, cache_dir: Path, log):
     save_torch(path, latents)
     log(f"encoded {len(latents)} images to latents {tuple(latents.shape[1:])}, cached at {path}")
     return latents
+
+
+# data kind -> its real latents (None: data-free, the trajectory buffer makes its own)
+LATENTS = {
+    ImageCaptionFolder: _encode_images,
+    LatentDataset: lambda data, *_: data.latents,
+    PromptList: lambda data, *_: None,
+}
 
 
 def _latent_cache_path(data, base_model, vae, cache_dir: Path) -> Path:

@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, export, tdft
-from .data import ImageCaptionFolder, LatentDataset, PromptList
 from .distributed import LocalWorld
 from .draws import ItemRandom
-from .encoding import TextEncoder, encode_data
+from .encoding import LATENTS, TextEncoder, encode_data
 from .errors import DataError, NonFiniteLoss, OutOfMemory, TrainingCancelled, UnsupportedModel, out_of_memory
 from .grad_checkpointing import gradient_checkpointing
 from .identity import model_identity
@@ -32,8 +31,6 @@ from .starts import make_starts
 from .trained import make_trained
 
 _log = logging.getLogger("comfy_selfnpo.training")
-
-DATA_KINDS = (ImageCaptionFolder, LatentDataset, PromptList)
 
 
 @dataclass
@@ -85,12 +82,9 @@ class _StudentModule(torch.nn.Module):
         return self._trained.student_forward(x, sigma, cond)
 
 
-def _check_inputs(data, clip, vae) -> None:
-    if not isinstance(data, DATA_KINDS):
-        raise DataError("data must be an ImageCaptionFolder, a LatentDataset or a PromptList, got "
-                        f"{type(data).__name__}")
-    if isinstance(data, ImageCaptionFolder) and vae is None:
-        raise DataError("training on images needs the VAE of the checkpoint to encode them")
+def _check_inputs(data, clip) -> None:
+    if type(data) not in LATENTS:
+        raise DataError(f"data must be one of {', '.join(k.__name__ for k in LATENTS)}, got {type(data).__name__}")
     if clip is None:
         raise DataError("training needs the CLIP of the checkpoint to encode captions")
 
@@ -102,7 +96,7 @@ class TDFTTrainer:
         import comfy.model_management as mm
 
         config.validate()
-        _check_inputs(data, clip, vae)
+        _check_inputs(data, clip)
         self.config, self.data, self.clip, self.vae = config, data, clip, vae
         self.work_dir, self.log = Path(work_dir), log or _log.info
         self.world = world or LocalWorld()
