@@ -3,8 +3,6 @@ sampled by ComfyUI's KSampler with real CFG on their own text encoder's conditio
 encoded by their own VAE, and written to files that ComfyUI's own loaders read back bit-exactly."""
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -17,12 +15,20 @@ from comfy_selfnpo import tiny_models
 DIT_KINDS = tiny_models.DIT_KINDS
 FILE_KINDS = [kind for kind in DIT_KINDS if tiny_models.family(kind).clip_type is not None]
 PROMPT = "a red cube on a wooden table"
+_BUILT = {}
 
 
-@functools.cache
+@pytest.fixture(scope="module", autouse=True)
+def _release_builds():
+    yield
+    _BUILT.clear()
+
+
 def _built(kind):
-    """One build per kind for the module (sampling and decoding leave it unchanged)."""
-    return tiny_models.build_checkpoint(kind, seed=3)
+    """One build per kind for this module (sampling and decoding leave it unchanged)."""
+    if kind not in _BUILT:
+        _BUILT[kind] = tiny_models.build_checkpoint(kind, seed=3)
+    return _BUILT[kind]
 
 
 def _conditioning(clip, text):
@@ -92,6 +98,24 @@ def test_family_vae_decodes_frames_and_encodes_back_with_the_family_compression(
     assert vae.temporal_compression_decode() == fam.temporal_compression
 
 
+@pytest.mark.parametrize("kind", [kind for kind in DIT_KINDS if kind not in FILE_KINDS])
+def test_diffusion_model_weights_alone_load_as_the_same_tiny_model(tiny, kind):
+    """The kinds without a file set: ComfyUI's diffusion-model loader configures their weights alike."""
+    built = _built(kind).model.model
+    loaded = comfy.sd.load_diffusion_model_state_dict(built.diffusion_model.state_dict()).model
+    assert type(loaded.model_config) is tiny.family(kind).config
+    assert loaded.model_config.unet_config == built.model_config.unet_config
+    assert _state_equal(loaded.state_dict(), built.state_dict())
+
+
+def test_frame_rules_follow_the_temporal_compression():
+    wan, ltxv, sd3 = (tiny_models.family(kind) for kind in ("wan21", "ltxv", "sd3"))
+    assert [wan.pixel_frames(t) for t in (1, 2, 21)] == [1, 5, 81]
+    assert wan.latent_frames(81) == 21 and ltxv.latent_frames(121) == 16 and sd3.latent_frames(1) == 1
+    with pytest.raises(ValueError, match="80 frames.*4\\*k\\+1"):
+        wan.latent_frames(80)
+
+
 def test_wan22_a14b_has_two_experts_that_sample_in_turn():
     built = _built("wan22_a14b")
     high, low = built.experts["high_noise"], built.experts["low_noise"]
@@ -133,9 +157,10 @@ def test_family_files_load_through_comfyui_loader_nodes(tiny, comfy_registry, tm
     folder_paths.filename_list_cache.clear()
     registry = comfy_registry.NODE_CLASS_MAPPINGS
     (model,) = registry["UNETLoader"]().load_unet(files.diffusion_models["model"].name, "default")
-    names = {f"clip_name{i + 1}": path.name for i, path in enumerate(files.text_encoders)}
     if clip_loader == "CLIPLoader":
         names = {"clip_name": files.text_encoders[0].name}
+    else:
+        names = {f"clip_name{i + 1}": path.name for i, path in enumerate(files.text_encoders)}
     (clip,) = registry[clip_loader]().load_clip(type=files.clip_type.name.lower(), **names)
     (vae,) = registry["VAELoader"]().load_vae(files.vae.name)
 

@@ -39,6 +39,13 @@ class Family:
             return latent_frames
         return self.temporal_compression * (latent_frames - 1) + 1
 
+    def latent_frames(self, pixel_frames: int) -> int:
+        """Latent frames of a clip of `pixel_frames`, which must be c*k+1 for temporal compression c."""
+        c = self.temporal_compression or 1
+        if pixel_frames < 1 or (pixel_frames - 1) % c:
+            raise ValueError(f"{pixel_frames} frames: this family's VAE takes {c}*k+1 frames (1, {c + 1}, {2 * c + 1}, ...)")
+        return (pixel_frames - 1) // c + 1
+
 
 # Wan 2.2 A14B switches from the high-noise to the low-noise expert at this fraction of the
 # timestep range (t/T = 0.875 for text-to-video), as Wan's reference code does.
