@@ -120,6 +120,7 @@ def hand_guided(s: Setup, step, mode: str, cfg=CFG, ag_scale=AG_SCALE):
 
 
 def rel_err(a, b) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
