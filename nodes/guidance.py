@@ -21,10 +21,10 @@ _MODE_TOOLTIP = (
     "mode that acts at cfg 1 (e.g. guidance-distilled models). Costs a third prediction per step.")
 _AG_SCALE_TOOLTIP = ("cfg+autoguidance only: weight of the autoguidance term (positive model − negative model, "
                      "both on the positive prompt). 0 gives plain CFG.")
-_START_TOOLTIP = ("Where in the sampling run Self-NPO starts to act (0 = the first, noisiest step; 1 = the end), "
-                  "as in ComfyUI's ControlNet and conditioning ranges. Steps outside start–end are plain CFG on "
-                  "the positive model and cost nothing extra.")
-_END_TOOLTIP = "Where in the sampling run Self-NPO stops acting (1 = the end). See start_percent."
+_START_TOOLTIP = ("Where in sampling Self-NPO starts to act, as a fraction of the model's noise schedule (0 = pure "
+                  "noise, 1 = the end), as in ComfyUI's ControlNet and conditioning ranges. Steps outside "
+                  "start–end are plain CFG on the positive model and cost nothing extra.")
+_END_TOOLTIP = "Where in sampling Self-NPO stops acting (1 = the end of the noise schedule). See start_percent."
 
 
 def _inputs():

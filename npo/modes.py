@@ -95,8 +95,9 @@ def make_mode(mode: str = "npo", autoguidance_scale: float = 1.0) -> GuidanceMod
 
 @dataclass(frozen=True)
 class Interval:
-    """The part of the sampling run in which the mode acts, as ComfyUI's start/end percent (0 = the
-    first, noisiest step; 1 = the end). Steps outside it are plain CFG on the positive model."""
+    """The part of sampling in which the mode acts, as ComfyUI's start/end percent of the model's noise
+    schedule (0 = pure noise, 1 = the end; as ControlNet and conditioning ranges, so with denoise < 1
+    sampling starts part-way). Steps outside it are plain CFG on the positive model."""
     start_percent: float = 0.0
     end_percent: float = 1.0
 

@@ -58,6 +58,9 @@ def core_deep_copy(patcher):
     copy.parent = None
     copy.hook_backup = {}
     copy.clone_base_uuid = uuid.uuid4()
+    # per-GPU copies of the positive model (a MultiGPU CFG Split placed before the negative loader)
+    # are not the negative's: core makes the negative's own when it splits the sampled model
+    copy.remove_additional_models("multigpu")
     return copy
 
 
