@@ -239,8 +239,10 @@ class StopRequest:
         return self
 
     def restore(self):
+        """The previous handlers back; after a stop, the rest of a burst of signals is ignored instead
+        (the run is over and saved: the process should exit with its status, not be killed)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.signum is not None else handler)
         self._previous.clear()
 
 

@@ -83,6 +83,22 @@ class _StudentModule(torch.nn.Module):
         return self._trained.student_forward(x, sigma, cond)
 
 
+def training_patcher(model, log):
+    """The MODEL to train from. Under dynamic VRAM (newer ComfyUI's default) weights are streamed on
+    demand and LoRA patches applied at cast time; where core offers a non-dynamic clone
+    (`clone(disable_dynamic=True)`), training uses it, so weights stay put while the trainer hooks
+    and copies them (the full copy reads patched weights on the side either way)."""
+    if not model.is_dynamic():
+        return model
+    try:
+        clone = model.clone(disable_dynamic=True)
+    except TypeError:  # a core without the option: train the dynamic model itself
+        log("the MODEL uses dynamic VRAM and this ComfyUI offers no non-dynamic clone; training it as it is")
+        return model
+    log("the MODEL uses dynamic VRAM: training a non-dynamic clone of it")
+    return clone
+
+
 def _check_inputs(data, clip) -> None:
     if type(data) not in LATENTS:
         raise DataError(f"data must be one of {', '.join(k.__name__ for k in LATENTS)}, got {type(data).__name__}")
@@ -101,6 +117,7 @@ class TDFTTrainer:
         self.config, self.data, self.clip, self.vae = config, data, clip, vae
         self.work_dir, self.log = Path(work_dir), log or _log.info
         self.world = world or LocalWorld()
+        model = training_patcher(model, self.log)
         self.base_patcher, self.base_model = model, model.model
         if not hasattr(self.base_model, "diffusion_model"):
             raise UnsupportedModel("the MODEL has no diffusion_model; TDFT trains diffusion UNets/DiTs")
@@ -114,7 +131,7 @@ class TDFTTrainer:
         with torch.inference_mode(False):
             self.base_hash = model_identity(model)
             self._load_base()
-            self.trained = make_trained(self.base_model, config)
+            self.trained = make_trained(self.base_patcher, config)
             self.encoded = encode_data(data, self.base_model, clip, vae, config.resolution, config.uncond,
                                        self.work_dir / "cache", self.log)
             mm.soft_empty_cache()
