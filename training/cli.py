@@ -139,7 +139,10 @@ def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """Fill options not given on the command line from the --config TOML file."""
     if not args.config:
         return
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the backport, a dependency there
+        import tomli as tomllib
 
     from .settings import check_overrides, config_fields
 

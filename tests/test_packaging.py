@@ -1,0 +1,217 @@
+"""What the pack declares matches what it does: runtime imports against the declared dependencies,
+requirements.txt against pyproject.toml, the TOML config path on the lowest supported Python."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import COMFYUI_ROOT, PACK_ROOT
+
+PYPROJECT = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())
+# Folders that never run inside ComfyUI or the CLI: nothing there counts as a runtime import.
+NOT_RUNTIME = {"tests", "bench", "scripts"}
+
+# The one list of what a runtime module of the pack may import besides the standard library, the
+# pack itself, ComfyUI's own modules and the runtime dependencies of pyproject.toml:
+# * packages ComfyUI itself requires (import name -> distribution; checked against the pinned
+#   ComfyUI's requirements.txt below), so every ComfyUI install has them;
+FROM_COMFYUI = {"numpy": "numpy", "PIL": "Pillow"}
+# * optional packages, imported only inside `try/except` with a fallback (checked below).
+OPTIONAL = {
+    "bitsandbytes": "the `train` extra: 8-bit AdamW; training falls back to AdamW without it",
+    "torchvision": "probed by comfyui_env, which installs a minimal stand-in when it is missing",
+}
+
+
+def _distribution_name(requirement: str) -> str:
+    return re.split(r"[\s;<>=!~\[]", requirement.strip(), maxsplit=1)[0].lower().replace("-", "_")
+
+
+def runtime_dependencies() -> dict[str, str]:
+    """Import name -> requirement string, from [project].dependencies (import names equal the
+    distribution names for every one of them)."""
+    return {_distribution_name(r): r for r in PYPROJECT["project"]["dependencies"]}
+
+
+def runtime_modules() -> list[Path]:
+    out = []
+    for dirpath, dirs, files in os.walk(PACK_ROOT):
+        rel = Path(dirpath).relative_to(PACK_ROOT)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "node_modules", "build")
+                         and not d.endswith(".egg-info") and not (rel == Path(".") and d in NOT_RUNTIME))
+        out += [Path(dirpath) / f for f in sorted(files) if f.endswith(".py")]
+    return out
+
+
+def _imports(node: ast.AST, guarded: bool = False):
+    """(top-level module name, node, guarded) for every absolute import under `node`; guarded = inside
+    the body of a `try` that catches ImportError (or a base class of it)."""
+    if isinstance(node, ast.Import):
+        for alias in node.names:
+            yield alias.name.split(".")[0], node, guarded
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        yield node.module.split(".")[0], node, guarded
+    elif isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers):
+        for stmt in node.body:
+            yield from _imports(stmt, True)
+        for stmt in [*node.handlers, *node.orelse, *node.finalbody]:
+            yield from _imports(stmt, guarded)
+    else:
+        for child in ast.iter_child_nodes(node):
+            yield from _imports(child, guarded)
+
+
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    names = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return handler.type is None or any(isinstance(n, ast.Name) and n.id in
+                                       ("ImportError", "ModuleNotFoundError", "Exception", "BaseException")
+                                       for n in names)
+
+
+def comfyui_module_names() -> set[str]:
+    """ComfyUI's own top-level modules (what `import nodes`, `import comfy...` resolve to)."""
+    return {p.stem for p in COMFYUI_ROOT.glob("*.py")} | {p.name for p in COMFYUI_ROOT.iterdir()
+                                                          if (p / "__init__.py").is_file() or p.name.startswith("comfy")}
+
+
+def pack_module_names() -> set[str]:
+    """Modules of the pack imported by a bare name (workflows/build.py puts its folder and the pack
+    root on sys.path): every module file and package folder of the pack."""
+    return {"comfy_selfnpo"} | {p.stem for p in runtime_modules()} | {p.parent.name for p in runtime_modules()}
+
+
+def test_runtime_modules_import_only_declared_packages():
+    declared = set(runtime_dependencies())
+    local = pack_module_names() | comfyui_module_names()
+    problems, seen = [], set()
+    for path in runtime_modules():
+        for name, node, guarded in _imports(ast.parse(path.read_text(), str(path))):
+            if name in sys.stdlib_module_names or name in local:
+                continue
+            seen.add(name)
+            where = f"{path.relative_to(PACK_ROOT)}:{node.lineno}"
+            if name in OPTIONAL and not guarded:
+                problems.append(f"{where}: optional package {name!r} imported outside try/except ImportError")
+            elif name not in declared | set(FROM_COMFYUI) | set(OPTIONAL):
+                problems.append(f"{where}: imports {name!r}, which is neither a runtime dependency in "
+                                "pyproject.toml nor a package ComfyUI requires")
+    assert not problems, "\n".join(problems)
+    # the check sees the imports it is about (a walker that found nothing would pass vacuously)
+    assert {"torch", "safetensors", "tqdm", "tomli", "numpy", "PIL", "bitsandbytes"} <= seen, seen
+
+
+def test_the_allowed_comfyui_packages_are_ones_comfyui_requires():
+    text = (COMFYUI_ROOT / "requirements.txt").read_text()
+    required = {_distribution_name(line) for line in text.splitlines() if line.strip() and not line.startswith("#")}
+    for import_name, distribution in FROM_COMFYUI.items():
+        assert _distribution_name(distribution) in required, (import_name, distribution)
+    assert "diffusers" not in runtime_dependencies() and "einops" not in runtime_dependencies()
+    assert PYPROJECT["project"]["optional-dependencies"]["bench"][0].startswith("diffusers")
+
+
+def test_requirements_txt_is_the_runtime_dependencies_without_torch():
+    """requirements.txt is what ComfyUI-Manager installs; torch comes with ComfyUI."""
+    lines = [line for line in (PACK_ROOT / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+
+    def normal(requirement: str) -> str:
+        return re.sub(r"\s+", "", requirement).replace('"', "'")
+
+    expected = {normal(r) for name, r in runtime_dependencies().items() if name != "torch"}
+    assert {normal(line) for line in lines} == expected
+
+
+# ------------------------------------------------------------------ the lowest supported Python
+
+def lowest_python() -> tuple[str, str] | None:
+    """(version, interpreter) of the lowest Python that requires-python admits, if this machine has it:
+    SELFNPO_LOWEST_PYTHON, `python3.X` on PATH, or a pyenv install."""
+    version = PYPROJECT["project"]["requires-python"].removeprefix(">=")
+    candidates = [os.environ.get("SELFNPO_LOWEST_PYTHON"), f"python{version}"]
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += [str(p / "bin" / f"python{version}") for p in sorted(pyenv_root.glob(f"versions/{version}.*"))]
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                               capture_output=True, text=True) if _runnable(candidate) else None
+        if probe is not None and probe.returncode == 0 and probe.stdout.strip() == version:
+            return version, candidate
+    return None
+
+
+def _runnable(candidate: str) -> bool:
+    import shutil
+
+    return shutil.which(candidate) is not None or Path(candidate).is_file()
+
+
+@pytest.fixture(scope="module")
+def lowest_python_venv(tmp_path_factory):
+    """A venv of the lowest supported Python with the pack's dependencies that the TOML path needs
+    (tomli there; torch is not needed to read a config)."""
+    found = lowest_python()
+    if found is None:
+        pytest.skip("no interpreter of the lowest supported Python here: set SELFNPO_LOWEST_PYTHON")
+    venv = tmp_path_factory.mktemp("lowest-python") / "venv"
+    subprocess.run([found[1], "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    tomli = runtime_dependencies()["tomli"].split(";")[0]
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", tomli], capture_output=True, text=True)
+    assert install.returncode == 0, install.stdout + install.stderr
+    return found[0], python
+
+
+_LOAD_PACK = f"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("comfy_selfnpo", {str(PACK_ROOT / '__init__.py')!r},
+                                              submodule_search_locations=[{str(PACK_ROOT)!r}])
+mod = importlib.util.module_from_spec(spec); sys.modules["comfy_selfnpo"] = mod; spec.loader.exec_module(mod)
+from comfy_selfnpo.training import cli
+"""
+
+
+def test_config_toml_is_read_on_the_lowest_supported_python(lowest_python_venv, tmp_path):
+    version, python = lowest_python_venv
+    config = tmp_path / "run.toml"
+    config.write_text('checkpoint = "models/sd15.safetensors"\npreset = "lora-12gb"\n'
+                      '[hyperparameters]\nsteps = 1500\nlearning_rate = 5e-5\nresolution = 512\n')
+    code = _LOAD_PACK + textwrap.dedent(f"""
+        parser = cli.build_parser()
+        args = parser.parse_args(["--config", {str(config)!r}, "--steps", "7"])
+        cli.apply_toml(args, parser)
+        print(json.dumps(dict(python="%d.%d" % sys.version_info[:2], tomli="tomli" in sys.modules,
+                              torch="torch" in sys.modules, checkpoint=args.checkpoint, preset=args.preset,
+                              steps=args.steps, learning_rate=args.learning_rate, resolution=args.resolution)))
+    """)
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got == dict(python=version, tomli=version < "3.11", torch=False, checkpoint="models/sd15.safetensors",
+                       preset="lora-12gb", steps=7, learning_rate=5e-5, resolution=512)
+
+
+def test_a_broken_config_toml_is_a_usage_error_on_the_lowest_supported_python(lowest_python_venv, tmp_path):
+    _, python = lowest_python_venv
+    broken = tmp_path / "broken.toml"
+    broken.write_text("steps = = 3\n")
+    code = _LOAD_PACK + f"sys.exit(cli.main(['--config', {str(broken)!r}]))"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 2, out.stderr
+    assert f"--config '{broken}' is not valid TOML" in out.stderr
+
+
+def test_every_runtime_module_compiles_on_the_lowest_supported_python(lowest_python_venv):
+    _, python = lowest_python_venv
+    files = [str(p) for p in runtime_modules()]
+    code = "import sys\nfor f in sys.argv[1:]:\n    compile(open(f, encoding='utf-8').read(), f, 'exec')\nprint(len(sys.argv) - 1)"
+    out = subprocess.run([str(python), "-c", code, *files], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == len(files) > 20
