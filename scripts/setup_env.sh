@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${SELFNPO_VENV:-.venv}
 stamp="$venv/.selfnpo-installed"
-want=$(cat pyproject.toml scripts/comfyui-runtime.txt | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/comfyui-runtime.txt scripts/registry-tools.txt | sha256sum | cut -c1-16)
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
@@ -19,6 +19,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet "torch==${SELFNPO_TORCH_VERSION:-2.13.0}"
   "$venv/bin/python" -m pip install --quiet -r scripts/comfyui-runtime.txt
   "$venv/bin/python" -m pip install --quiet -e ".[test,bench]"
+  # the registry's CLI (comfy-cli) in a venv of its own, for the registry tests
+  [ -x "$venv/registry-tools/bin/python" ] || python3 -m venv "$venv/registry-tools"
+  "$venv/registry-tools/bin/python" -m pip install --quiet -r scripts/registry-tools.txt
   echo "$want" >"$stamp"
 fi
 bash scripts/setup_comfyui.sh

@@ -215,3 +215,96 @@ def test_every_runtime_module_compiles_on_the_lowest_supported_python(lowest_pyt
     out = subprocess.run([str(python), "-c", code, *files], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == len(files) > 20
+
+
+# ------------------------------------------------------------------ the Comfy registry
+
+def comfy_cli() -> Path:
+    """The registry's CLI, installed by scripts/setup_env.sh in a venv of its own."""
+    path = Path(os.environ.get("SELFNPO_COMFY_CLI") or Path(sys.prefix) / "registry-tools" / "bin" / "comfy")
+    assert path.is_file(), f"comfy-cli not found at {path}: run `bash scripts/setup_env.sh` (or set SELFNPO_COMFY_CLI)"
+    return path
+
+
+def run_comfy_cli(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    """`comfy ...` offline, without prompts or telemetry, with its config in a throw-away HOME."""
+    (home / ".config").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HOME=str(home), NO_COLOR="1", COLUMNS="200")
+    return subprocess.run([str(comfy_cli()), "--skip-prompt", "--no-enable-telemetry", *args], cwd=str(cwd),
+                          env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def release_checkout(tmp_path_factory) -> Path:
+    """The repository as it would be committed (tracked and new unignored files, their current
+    content) in a fresh git repository: what the registry's publish step sees."""
+    listed = subprocess.run(["git", "-C", str(PACK_ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    dest = tmp_path_factory.mktemp("release") / "comfy-selfnpo"
+    for rel in filter(None, listed):
+        source = PACK_ROOT / rel
+        if source.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(source.read_bytes())
+    subprocess.run(["git", "init", "-q", str(dest)], check=True)
+    subprocess.run(["git", "-C", str(dest), "add", "-A"], check=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def registry_archive(release_checkout, tmp_path_factory) -> list[str]:
+    """File names in the archive `comfy node pack` builds (git-tracked files minus .comfyignore)."""
+    import zipfile
+
+    out = run_comfy_cli("node", "pack", cwd=release_checkout, home=tmp_path_factory.mktemp("home"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    with zipfile.ZipFile(release_checkout / "node.zip") as archive:
+        return sorted(archive.namelist())
+
+
+def test_comfy_node_validate_passes_without_warnings(release_checkout, tmp_path):
+    out = run_comfy_cli("node", "validate", cwd=release_checkout, home=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    said = out.stdout + out.stderr
+    assert "All validation checks passed" in said, said
+    assert "Warning" not in said and "Security warnings" not in said, said
+
+
+def test_registry_archive_ships_the_pack_and_leaves_out_tests_bench_ci_and_scripts(registry_archive):
+    names = registry_archive
+    for left_out in ("tests/", "bench/", "scripts/", ".ci/", ".github/"):
+        assert not [n for n in names if n.startswith(left_out)], left_out
+    assert not [n for n in names if n.startswith("workflows/") and n.endswith(".py")], "the generator stays out"
+    for needed in ("__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt", "model_folders.py",
+                   "comfyui_env.py", "tiny_models.py", "nodes/__init__.py", "npo/weights.py", "training/cli.py",
+                   "docs/algorithm.md", "docs/images/icon.png"):
+        assert needed in names, needed
+    templates = sorted(n for n in names if n.startswith("example_workflows/") and n.endswith(".json"))
+    assert len(templates) == 4
+    for template in templates:  # every template ships with its thumbnail and its API twin
+        assert template.removesuffix(".json") + ".jpg" in names, template
+    assert len([n for n in names if n.startswith("workflows/api/") and n.endswith(".json")]) == len(templates)
+
+
+def test_registry_metadata_is_complete():
+    comfy = PYPROJECT["tool"]["comfy"]
+    project = PYPROJECT["project"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and project["description"]
+    # the icon URL names a committed file: the registry shows it from the main branch
+    icon = comfy["Icon"]
+    prefix = project["urls"]["Repository"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert icon.startswith(prefix), icon
+    from PIL import Image
+
+    with Image.open(PACK_ROOT / icon.removeprefix(prefix)) as image:
+        assert image.format == "PNG" and image.size[0] == image.size[1] <= 512
+    assert (PACK_ROOT / icon.removeprefix(prefix)).stat().st_size < 64 * 1024
+    # the lowest core in the range is the one the suite runs
+    version = (COMFYUI_ROOT / "comfyui_version.py").read_text()
+    pinned = re.search(r'__version__ = "([\d.]+)"', version).group(1)
+    assert comfy["requires-comfyui"].split(",")[0] == f">={pinned}"
+    assert project["license"] == "GPL-3.0-or-later" and project["license-files"] == ["LICENSE"]
+    license_text = (PACK_ROOT / "LICENSE").read_text()
+    assert license_text.lstrip().startswith("GNU GENERAL PUBLIC LICENSE") and "Version 3, 29 June 2007" in license_text
+    workflow = (PACK_ROOT / ".github" / "workflows" / "publish.yml").read_text()
+    assert "Comfy-Org/publish-node-action@v1" in workflow and "secrets.REGISTRY_ACCESS_TOKEN" in workflow
