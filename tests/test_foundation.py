@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import subprocess
@@ -40,6 +41,44 @@ def test_comfyui_loader_imports_the_pack_and_registers_every_node(comfy_registry
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
     import folder_paths
     assert folder_paths.get_folder_paths("self_npo")  # the pack's models folder is registered
+
+
+def _load_extra_model_paths(yaml_path: Path) -> None:
+    """ComfyUI's own reader of extra_model_paths.yaml (`utils/extra_config.py`, loaded by path: after
+    `import nodes` a bare `import utils` finds comfy/utils.py)."""
+    spec = importlib.util.spec_from_file_location("comfyui_extra_config", COMFYUI_ROOT / "utils" / "extra_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.load_extra_path_config(str(yaml_path))
+
+
+@pytest.mark.parametrize("yaml_first", [True, False], ids=["yaml-then-pack", "pack-then-yaml"])
+def test_extra_model_paths_entry_adds_to_models_self_npo(tmp_path, monkeypatch, yaml_first):
+    import folder_paths
+
+    from comfy_selfnpo.model_folders import self_npo_output_dir
+    from comfy_selfnpo.nodes import SelfNPOExtension
+    from comfy_selfnpo.nodes.negative_model import list_npo_files
+
+    models, shared = tmp_path / "models", tmp_path / "team" / "npo"
+    for folder, name in ((models / "self_npo", "own.safetensors"), (shared, "shared.safetensors")):
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(b"{}")
+    (shared / "notes.txt").write_text("not a model")
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text("team:\n  base_path: team\n  self_npo: npo\n")  # relative to the yaml file
+    monkeypatch.setattr(folder_paths, "models_dir", str(models))
+    folder_paths.folder_names_and_paths.pop("self_npo", None)
+
+    steps = [lambda: _load_extra_model_paths(config), lambda: asyncio.run(SelfNPOExtension().on_load())]
+    for step in steps if yaml_first else steps[::-1]:  # the server reads the yaml before loading packs
+        step()
+    asyncio.run(SelfNPOExtension().on_load())  # loading twice changes nothing
+    folder_paths.filename_list_cache.clear()
+    assert folder_paths.get_folder_paths("self_npo") == [str(models / "self_npo"), str(shared)]
+    assert folder_paths.get_filename_list("self_npo") == ["own.safetensors", "shared.safetensors"]
+    assert list_npo_files()[:2] == ["self_npo/own.safetensors", "self_npo/shared.safetensors"]
+    assert self_npo_output_dir() == str(models / "self_npo")  # new weights go to the default folder
 
 
 def _encode(clip, text):
