@@ -262,3 +262,44 @@ def test_comfyui_and_diffusers_import_together_in_one_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_torchvision_stand_in_covers_what_newer_comfyui_imports(tmp_path):
+    """Newer ComfyUI's comfy.model_base imports its detectors, which import torchvision.ops
+    (comfy/ldm/sam3/detector.py: `from torchvision.ops import roi_align`; comfy/ldm/rt_detr/rtdetr_v4.py:
+    `import torchvision`, then torchvision.ops at call time). A module with those import lines must
+    load under the stand-in; calling what the stand-in lacks names the missing package."""
+    (tmp_path / "newer_core_detector.py").write_text(textwrap.dedent("""
+        import torchvision
+        import torchvision.transforms as transforms
+        from torchvision import transforms as T
+        from torchvision.ops import roi_align
+        from torchvision.transforms import functional as TF
+        BICUBIC = transforms.InterpolationMode.BICUBIC  # attribute chains at module level
+        def detect(boxes):
+            return torchvision.ops.nms(boxes, boxes, 0.5)
+    """))
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.path[:0] = [{str(tmp_path)!r}, {str(PACK_ROOT)!r}]
+        import comfyui_env, torch
+        assert importlib.util.find_spec("torchvision") is None, "this test needs a machine without torchvision"
+        assert comfyui_env.install_torchvision_stand_in_if_missing()
+        import newer_core_detector as d
+        assert d.T is d.transforms and d.TF is sys.modules["torchvision.transforms.functional"]
+        print(tuple(d.TF.resize(torch.ones(1, 3, 8, 8), 4).shape))
+        for call in (lambda: d.roi_align(None, None, 7), lambda: d.detect(torch.zeros(2, 4))):
+            try:
+                call()
+            except ModuleNotFoundError as e:
+                print(e)
+        comfyui_env.drop_torchvision_stand_in()
+        print(importlib.util.find_spec("torchvision"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "(1, 3, 4, 4)"
+    assert lines[1].startswith("torchvision.ops.roi_align needs torchvision, which is not installed")
+    assert lines[2].startswith("torchvision.ops.nms needs torchvision, which is not installed")
+    assert lines[3] == "None", "after the drop, probes see no torchvision again"
