@@ -94,8 +94,11 @@ class ComfyServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def get(self, path: str):
+        return json.loads(self.get_bytes(path))
+
+    def get_bytes(self, path: str) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return json.loads(r.read())
+            return r.read()
 
     def post(self, path: str, payload: dict):
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
