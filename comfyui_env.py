@@ -155,9 +155,7 @@ def install_torchvision_stand_in_if_missing() -> bool:
     tv = finder.create_module(importlib.machinery.ModuleSpec("torchvision", finder, is_package=True))
     tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", finder, is_package=True)
     sys.modules["torchvision"] = tv
-    import torchvision.transforms.functional as functional  # served by the finder
-
-    functional.resize = resize
+    importlib.import_module("torchvision.transforms.functional").resize = resize  # served by the finder
     log.warning("torchvision is not importable; using a minimal stand-in (SD1.5/SDXL do not need it).")
     return True
 
