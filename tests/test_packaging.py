@@ -130,6 +130,54 @@ def test_requirements_txt_is_the_runtime_dependencies_without_torch():
     assert {normal(line) for line in lines} == expected
 
 
+@pytest.fixture
+def without_bench_packages(tmp_path) -> dict:
+    """An environment whose Python cannot import the benchmark-only packages (diffusers): the
+    runtime requirements alone, as ComfyUI-Manager installs them (ComfyUI itself needs einops)."""
+    blocker = tmp_path / "block_bench_packages"
+    blocker.mkdir()
+    # a None entry in sys.modules: `import diffusers` fails and find_spec() probes see no diffusers
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['diffusers'] = None\n")
+    from cli_setup import cli_env
+
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocker), env.get("PYTHONPATH")]))
+    return env
+
+
+def test_nodes_and_every_runtime_module_load_without_bench_packages(without_bench_packages):
+    modules = sorted("comfy_selfnpo." + ".".join(p.relative_to(PACK_ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for p in runtime_modules() if p.parent.name != "workflows" and p != PACK_ROOT / "__init__.py")
+    code = textwrap.dedent(f"""
+        import asyncio, importlib, sys
+        assert sys.modules["diffusers"] is None
+        from comfy_selfnpo.comfyui_env import ensure_comfyui
+        ensure_comfyui(cpu=True)
+        import nodes
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        assert asyncio.run(nodes.load_custom_node({str(PACK_ROOT)!r}))
+        for name in {modules!r}:
+            importlib.import_module(name)
+        print(sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("SelfNPO")))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=without_bench_packages,
+                         cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == str(
+        ["SelfNPOApply", "SelfNPOCFGGuider", "SelfNPONegativeModelLoader", "SelfNPOTrainTDFT"])
+    assert len(modules) > 20
+
+
+def test_the_demo_runs_without_bench_packages(without_bench_packages, tmp_path):
+    from cli_setup import cli_executable
+
+    out = tmp_path / "demo"
+    run = subprocess.run([cli_executable(), "--demo", "--steps", "2", "--trajectory-buffer", "2", "--no-progress",
+                          "--output", str(out)], env=without_bench_packages, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "demo_grid.png").stat().st_size > 0 and (out / "self_npo.safetensors").stat().st_size > 0
+
+
 # ------------------------------------------------------------------ the lowest supported Python
 
 def lowest_python() -> tuple[str, str] | None:
