@@ -127,7 +127,10 @@ def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """Fill options not given on the command line from the --config TOML file."""
     if not args.config:
         return
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the backport, a dependency there
+        import tomli as tomllib
 
     from .config import field_types
     from .settings import check_overrides
