@@ -181,6 +181,7 @@ def test_trainer_step_runs_exactly_this_step(tiny, tmp_path):
     from PIL import Image
 
     from comfy_selfnpo.training import TDFTTrainer, make_config
+    from comfy_selfnpo.training.conditioning import forward_by_constants
     from comfy_selfnpo.training.data import ImageCaptionFolder
 
     folder = tmp_path / "data"
@@ -196,7 +197,7 @@ def test_trainer_step_runs_exactly_this_step(tiny, tmp_path):
     schedule = tdft.NoiseSchedule.from_model_sampling(model.model_sampling)
 
     def denoise(x, t, cond):
-        return model.apply_model(x, schedule.sigma(t), **cond)
+        return forward_by_constants(lambda x, s, c: model.apply_model(x, s, **c), x, schedule.sigma(t), cond)
 
     grid = tdft.ddim_grid(T, 10)
     with torch.no_grad():

@@ -30,8 +30,8 @@ class TDFTConfig:
     grid_size: int = hp(25, "N: size of the DDIM grid over the model's timesteps", ge=2, le=1000)
     truncation_steps: int = hp(5, "K: teacher DDIM steps per sample before the truncation point", ge=1)
     corruption_guidance: float = hp(
-        -1.0, "w: guidance applied to the teacher to corrupt its predictions "
-        "(-1 SD1.x/SD2 = unconditional only, -5 SDXL)")
+        -1.0, "w: guidance applied to the teacher to corrupt its predictions (-1 = unconditional only: "
+        "SD1.x/SD2 as published and the default for flow DiTs and video models, an extension; -5 SDXL)")
     uncond: str = hp("empty_prompt", "the teacher's unconditional input: the empty prompt's encoding, or "
                      "zeroed embeddings (SDXL recipe)", choices=("empty_prompt", "zeros"))
     loss: str = hp("huber", "regression loss in x0 space: pseudo-Huber or squared error",
@@ -46,8 +46,8 @@ class TDFTConfig:
                    choices=("full", "lora"))
     lora_rank: int = hp(16, "LoRA rank r", ge=1)
     lora_alpha: float = hp(16.0, "LoRA alpha (the adapter is scaled by alpha / rank)", gt=0)
-    lora_targets: str = hp("attn", "layers the LoRA trains: attn | attn+ff | all_linear | a regex over "
-                           "layer names")
+    lora_targets: str = hp("attn", "layers the LoRA trains: attn | attn+ff (the model family's attention / "
+                           "feed-forward layers) | all_linear | a regex over layer names")
     # optimisation
     learning_rate: float = hp(1e-6, "AdamW learning rate (1e-6 SD1.5 and 1e-7 SDXL full; ~1e-4 LoRA)", ge=0)
     weight_decay: float = hp(1e-3, "AdamW weight decay", ge=0)
@@ -63,14 +63,18 @@ class TDFTConfig:
                          "number of processes)", ge=1)
     grad_accum: int = hp(1, "micro-batches per optimizer step", ge=1)
     steps: int = hp(1000, "optimizer steps", ge=1)
-    mixed_precision: str = hp("no", "autocast dtype of the forward passes (fp16 adds a gradient scaler)",
-                              choices=("no", "fp16", "bf16"))
+    mixed_precision: str = hp("no", "autocast dtype of the forward passes (fp16 adds a gradient scaler; "
+                              "auto: fp16 for SD UNets, bf16 for DiT and video families)",
+                              choices=("no", "fp16", "bf16", "auto"))
     gradient_checkpointing: bool = hp(False, "recompute block activations in the backward pass (less "
                                       "memory, same gradients)")
     seed: int = hp(0, "seed of every random draw (start levels, noise, LoRA initialisation)",
                    ge=0, lt=2 ** 63)
     resolution: int = hp(512, "image mode: training resolution in pixels (aspect-aware centre crop); "
                          "data-free mode: the size of the generated latents", ge=64, multiple_of=8)
+    frames: int = hp(0, "video models: frames per training clip, c·k+1 for a VAE that compresses time c-fold "
+                     "(Wan, HunyuanVideo: 1, 5, 9, ...); 0 = 17 for video models, 1 for image models", ge=0)
+    fps: float = hp(16.0, "video clips in the data: the frame rate they are sampled at", gt=0)
     trajectory_buffer: int = hp(64, "data-free mode: number of buffered teacher trajectories", ge=1)
     save_every: int = hp(0, "every N steps: a resumable checkpoint and an exported step file "
                          "<name>-stepNNNNNN.safetensors (0 = only at the end or on stop)", ge=0)
@@ -167,11 +171,13 @@ _RECIPE_SDXL = dict(
 
 # LoRA presets for one consumer GPU (SD1.5 at 512 or SDXL at 1024 with the lower ones needing
 # gradient checkpointing). The frozen base as teacher costs no extra copy of the weights. LoRA needs
-# a much larger learning rate than full fine-tuning because the adapter starts at zero.
+# a much larger learning rate than full fine-tuning because the adapter starts at zero. "attn" and
+# "auto" precision mean what the model family needs (training/families.py): its attention layers,
+# fp16 for SD UNets and bf16 for DiTs.
 _LORA_COMMON = dict(
     grid_size=25, truncation_steps=5, loss="huber", huber_c=0.001, teacher="base", mode="lora",
     learning_rate=1e-4, weight_decay=1e-3, max_grad_norm=1.0, steps=1000,
-    mixed_precision="fp16", output_format="lora")
+    mixed_precision="auto", output_format="lora")
 PRESETS: dict[str, dict] = {
     "sd15": _RECIPE_SD15,
     "sdxl": _RECIPE_SDXL,

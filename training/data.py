@@ -24,7 +24,9 @@ from .errors import DataError
 
 log = logging.getLogger("comfy_selfnpo.training")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+CLIP_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".gif")  # decoded with PyAV (a ComfyUI dependency)
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + CLIP_EXTENSIONS
 # kohya's convention: a sub-folder named "<repeats>_<name>" shows its images <repeats> times an epoch
 REPEAT_FOLDER = re.compile(r"^(\d+)_.+")
 
@@ -34,6 +36,10 @@ class ImageItem:
     path: Path
     caption: str
     repeats: int = 1
+
+    @property
+    def is_clip(self) -> bool:
+        return self.path.suffix.lower() in CLIP_EXTENSIONS
 
 
 def read_text_file(path, what: str) -> str:
@@ -87,8 +93,8 @@ def center_crop_resize(image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
 
 
-def find_images(folder: Path, recursive: bool = True) -> list[Path]:
-    """Image files under `folder`, sorted; follows symlinked folders (each real folder once)."""
+def find_images(folder: Path, recursive: bool = True, extensions=MEDIA_EXTENSIONS) -> list[Path]:
+    """Image and clip files under `folder`, sorted; follows symlinked folders (each real folder once)."""
     found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -97,7 +103,7 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
             continue
         seen.add(real)
         dirs.sort()
-        found += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        found += [Path(root) / f for f in files if Path(f).suffix.lower() in extensions]
         if not recursive:
             break
     return sorted(found)
@@ -119,8 +125,10 @@ def _inside(path, folder) -> bool:
 
 class ImageCaptionFolder:
     """kohya convention: `img.png` + `img.txt` side by side (sub-folders included, "<N>_name" folders
-    repeated N times an epoch). A missing caption becomes "" with a warning; an unreadable image is
-    skipped with a warning; a missing folder or one with no usable image raises DataError."""
+    repeated N times an epoch). Video models also take clips (`clip.mp4` + `clip.txt`; .webm, .mov,
+    .mkv, .gif), and train images as one-frame clips. A missing caption becomes "" with a warning; an
+    unreadable file is skipped with a warning; a missing folder or one with nothing usable raises
+    DataError."""
 
     def __init__(self, folder, resolution: int = 512, caption_extension: str = ".txt",
                  recursive: bool = True, log_fn=None):
@@ -151,7 +159,7 @@ class ImageCaptionFolder:
         if not items:
             found = f"{len(candidates)} image file(s), none readable" if candidates else "no image files"
             raise DataError(f"no usable training image in {str(self.folder)!r} ({found}); supported "
-                            f"extensions: {', '.join(IMAGE_EXTENSIONS)}")
+                            f"extensions: {', '.join(MEDIA_EXTENSIONS)}")
         self.items: list[ImageItem] = items
         self._fingerprint = None
 
@@ -166,6 +174,10 @@ class ImageCaptionFolder:
     def repeats(self) -> list[int]:
         return [item.repeats for item in self.items]
 
+    @property
+    def has_clips(self) -> bool:
+        return any(item.is_clip for item in self.items)
+
     def load_image(self, index: int) -> torch.Tensor:
         """Image `index` cropped to the training resolution: float [res, res, 3] in [0, 1]."""
         from PIL import Image
@@ -176,6 +188,14 @@ class ImageCaptionFolder:
                 return center_crop_resize(im, self.resolution)
         except Exception as e:
             raise DataError(f"cannot read training image {str(item.path)!r}: {e}") from e
+
+    def load_frames(self, index: int, frames: int, fps: float) -> torch.Tensor:
+        """Item `index` as [F, res, res, 3] in [0, 1]: a clip's first `frames` frames at `fps`, or an
+        image as a one-frame clip."""
+        item = self.items[index]
+        if not item.is_clip:
+            return self.load_image(index)[None]
+        return read_clip(item.path, frames, fps, self.resolution)
 
     def fingerprint(self) -> str:
         """Changes when an image's bytes, a caption, a repeat count or the resolution change (not when
@@ -193,15 +213,58 @@ class ImageCaptionFolder:
         return _inside(folder, self.folder)
 
 
+def read_clip(path: Path, frames: int, fps: float, resolution: int) -> torch.Tensor:
+    """A clip's first `frames` frames sampled at `fps` — the frame on screen at times 0, 1/fps, 2/fps,
+    ... — each centre-cropped like an image: [frames, res, res, 3] in [0, 1]. DataError when the clip
+    is shorter than (frames − 1)/fps seconds."""
+    import av
+
+    wanted = [i / fps for i in range(frames)]
+    picked, last, start, times = [], None, None, []
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                time = float(frame.time) if frame.time is not None else len(times) / fps
+                start = time if start is None else start
+                time -= start  # a clip may not start at time 0
+                while len(picked) < frames and last is not None and wanted[len(picked)] < time - 1e-6:
+                    picked.append(last)  # frame `last` was on screen until this one came
+                if len(picked) == frames:
+                    break
+                last, times = frame.to_image(), times + [time]
+    except Exception as e:  # PyAV raises many kinds for broken files
+        raise DataError(f"cannot read the clip {str(path)!r}: {type(e).__name__}: {e}") from e
+    shown_for = (times[-1] - times[-2]) if len(times) > 1 else 1.0 / fps  # the last frame's duration
+    while len(picked) < frames and last is not None and wanted[len(picked)] < times[-1] + shown_for - 1e-6:
+        picked.append(last)
+    if len(picked) < frames:
+        raise DataError(f"the clip {str(path)!r} is too short: it covers {len(picked)} of the {frames} frames the "
+                        f"run samples at {fps:g} fps; use longer clips, fewer frames or a lower fps")
+    return torch.stack([center_crop_resize(image, resolution) for image in picked])
+
+
 def _unreadable(path: Path) -> str | None:
-    """Why an image file cannot be used, or None. Decodes the pixels now: verify() passes files whose
-    data is truncated, and one found at encoding time would stop the whole run instead."""
+    """Why an image or clip file cannot be used, or None. Decodes the pixels now: verify() passes
+    files whose data is truncated, and one found at encoding time would stop the whole run instead."""
     from PIL import Image
 
+    if path.suffix.lower() in CLIP_EXTENSIONS:
+        return _unreadable_clip(path)
     try:
         with Image.open(path) as im:
             to_rgb(im).load()
     except Exception as e:  # PIL raises many kinds for broken files
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _unreadable_clip(path: Path) -> str | None:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            next(container.decode(video=0))
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
     return None
 

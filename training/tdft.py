@@ -146,22 +146,32 @@ def _repeat_to(t: torch.Tensor, length: int) -> torch.Tensor:
     return t.repeat(1, length // t.shape[1], *([1] * (t.ndim - 2)))
 
 
+# inputs whose second axis is the text tokens: the context and its attention mask (LTXV)
+TOKEN_AXIS_KEYS = ("c_crossattn", "attention_mask")
+
+
 def concat_conds(conds: list[dict]) -> dict:
-    """Concatenate conditioning dicts along the batch. Cross-attention contexts of different token
-    lengths (prompts over 77 tokens) are repeated to their least common multiple, as ComfyUI's
-    CONDCrossAttn does: attention over a repeated context is unchanged."""
+    """Concatenate conditioning dicts along the batch. Token axes of different lengths (prompts of
+    different token counts) are repeated to their least common multiple, context and mask alike, as
+    ComfyUI's CONDCrossAttn does: attention over a repeated context is unchanged."""
     out = {}
     for key in conds[0]:
         parts = [c[key] for c in conds]
-        if key == "c_crossattn" and len({p.shape[1] for p in parts}) > 1:
+        if isinstance(parts[0], list):  # per-row plain values (conditioning.ROW_CONSTANTS)
+            out[key] = [row for part in parts for row in part]
+            continue
+        if key in TOKEN_AXIS_KEYS and len({p.shape[1] for p in parts}) > 1:
             length = math.lcm(*[p.shape[1] for p in parts])
             parts = [_repeat_to(p, length) for p in parts]
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise ValueError(f"the model input {key!r} has different shapes for different prompts "
+                             f"({sorted({tuple(p.shape) for p in parts})}); use batch_size 1")
         out[key] = torch.cat(parts, dim=0)
     return out
 
 
 def select_cond(cond: dict, rows: torch.Tensor) -> dict:
-    return {k: v[rows] for k, v in cond.items()}
+    return {k: [v[i] for i in rows.tolist()] if isinstance(v, list) else v[rows] for k, v in cond.items()}
 
 
 def guided_x0(denoise: Denoiser, x, t, cond: dict, uncond: dict, w: float):

@@ -11,6 +11,7 @@ Each step runs `tdft.tdft_step` — the one composition of the algorithm — per
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -22,8 +23,12 @@ import torch
 from . import checkpoint, export, tdft
 from .distributed import LocalWorld
 from .draws import ItemRandom
-from .encoding import LATENTS, TextEncoder, encode_data
+from .conditioning import TextEncoder, forward_by_constants
+from .encoding import LATENTS, encode_data
+from .autograd_safety import needs_saved_copies, saved_tensor_copies
 from .errors import DataError, NonFiniteLoss, OutOfMemory, TrainingCancelled, UnsupportedModel, out_of_memory
+from .families import family_of, is_guidance_distilled, makes_video
+from .geometry import latent_geometry
 from .grad_checkpointing import gradient_checkpointing
 from .identity import model_identity
 from .optimization import Optimization
@@ -99,6 +104,28 @@ def training_patcher(model, log):
     return clone
 
 
+def _check_model(base_model):
+    """The model's family; UnsupportedModel for what TDFT cannot train."""
+    if not hasattr(base_model, "diffusion_model"):
+        raise UnsupportedModel("the MODEL has no diffusion_model; TDFT trains diffusion UNets/DiTs")
+    if is_guidance_distilled(base_model):
+        raise UnsupportedModel(
+            f"this model ({type(base_model.model_config).__name__}) is guidance-distilled: the guidance scale is "
+            "an input of the network (Flux-dev, HunyuanVideo v1) and it has no real unconditional branch. "
+            "Self-NPO trains the model's unconditional prediction and guides away from it with CFG, which such "
+            "models do not run (they sample at cfg 1). Train a model with real CFG (e.g. Chroma, SD3.5, "
+            "Qwen-Image, Wan, HunyuanVideo 1.5).")
+    return family_of(base_model)
+
+
+def family_settings(config, family):
+    """The config with the family-dependent choices made: "attn"/"attn+ff" as the family's layers,
+    mixed_precision "auto" as the family's precision."""
+    precision = family.precision if config.mixed_precision == "auto" else config.mixed_precision
+    return dataclasses.replace(config, lora_targets=family.lora_targets(config.lora_targets),
+                               mixed_precision=precision)
+
+
 def _check_inputs(data, clip) -> None:
     if type(data) not in LATENTS:
         raise DataError(f"data must be one of {', '.join(k.__name__ for k in LATENTS)}, got {type(data).__name__}")
@@ -119,8 +146,8 @@ class TDFTTrainer:
         self.world = world or LocalWorld()
         model = training_patcher(model, self.log)
         self.base_patcher, self.base_model = model, model.model
-        if not hasattr(self.base_model, "diffusion_model"):
-            raise UnsupportedModel("the MODEL has no diffusion_model; TDFT trains diffusion UNets/DiTs")
+        self.family = _check_model(self.base_model)
+        self.run_config = family_settings(config, self.family)  # "attn", "auto" as this family means them
         self.schedule = tdft.NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
         if self.schedule.T < config.grid_size:
             raise UnsupportedModel(f"the model has {self.schedule.T} timesteps, fewer than grid_size")
@@ -131,15 +158,43 @@ class TDFTTrainer:
         with torch.inference_mode(False):
             self.base_hash = model_identity(model)
             self._load_base()
-            self.trained = make_trained(self.base_patcher, config)
-            self.encoded = encode_data(data, self.base_model, clip, vae, config.resolution, config.uncond,
-                                       self.work_dir / "cache", self.log)
-            mm.soft_empty_cache()
-            self.starts = make_starts(self.encoded, self.schedule, self.grid, config, self.world, self.device)
-            self._load_base(extra_bytes=3 * self.trained.own_bytes())  # copies + AdamW's two moments
-            self.trained.to(self.device)
-            self.optim = Optimization(self.trained.parameters(), config, self.device, self.log)
-            self.student = self.world.wrap(_StudentModule(self.trained), self.trained.may_skip_parameters)
+            self._build_parts(data, clip, vae)
+
+    def _build_parts(self, data, clip, vae) -> None:
+        import comfy.model_management as mm
+
+        config = self.run_config
+        self.trained = make_trained(self.base_patcher, config)
+        self.geometry = latent_geometry(self.base_model, vae, makes_video(self.family, self.base_model), config.frames)
+        self.encoded = encode_data(data, self.base_model, clip, vae, self.geometry, config.resolution, config.fps,
+                                   config.uncond, self.work_dir / "cache", self.log)
+        mm.soft_empty_cache()
+        self.starts = make_starts(self.encoded, self.schedule, self.grid, config, self.world, self.device)
+        self._load_base(extra_bytes=3 * self.trained.own_bytes())  # copies + AdamW's two moments
+        self.trained.to(self.device)
+        self.optim = Optimization(self.trained.parameters(), config, self.device, self.log)
+        self.saved_copies = False
+        self.saved_copies = self._probe_in_place_updates()
+        self.student = self.world.wrap(_StudentModule(self.trained), self.trained.may_skip_parameters)
+
+    def _probe_in_place_updates(self) -> bool:
+        """One student forward/backward on a batch of 1: does this model update tensors autograd
+        needs in place? Then every step keeps copies of what it saves (autograd_safety.py)."""
+        x = torch.randn((1,) + tuple(self.encoded.latent_shape), generator=torch.Generator().manual_seed(0))
+        t = self.grid[len(self.grid) // 2].view(1)
+        cond = self.encoded.conds([0], self.device) if self.encoded.item_conds else self.encoded.unconds(1, self.device)
+        student = self._denoiser(self.trained.student_forward)  # not through DDP: a failed backward would upset it
+
+        def forward_and_loss():
+            return student(x.to(self.device), t.to(self.device), cond).float().square().mean()
+
+        with self.trained.active(), gradient_checkpointing(self.trained.student_diffusion_model,
+                                                           self.config.gradient_checkpointing):
+            needed = needs_saved_copies(forward_and_loss)
+        self.optim.zero_grad()
+        if needed:
+            self.log(f"{self.family.name}: its blocks update tensors in place; autograd keeps copies of what it saves")
+        return needed
 
     # ------------------------------------------------------------------ pieces
 
@@ -156,11 +211,12 @@ class TDFTTrainer:
             torch.cuda.synchronize(self.device)
 
     def _denoiser(self, forward):
-        """forward(x, σ, cond) -> a tdft Denoiser over timesteps, in the run's autocast, float32 out."""
+        """forward(x, σ, inputs) -> a tdft Denoiser over timesteps, in the run's autocast, float32 out
+        (rows whose plain inputs differ, e.g. Lumina 2's token counts, in separate calls)."""
         def denoise(x, t, cond):
             sigma = self.schedule.sigma(t, device=x.device)
-            with self.optim.autocast():
-                return forward(x, sigma, cond).float()
+            with self.optim.autocast(), saved_tensor_copies(self.saved_copies):
+                return forward_by_constants(forward, x, sigma, cond).float()
         return denoise
 
     def _stopper(self, should_stop):
@@ -341,19 +397,19 @@ class TDFTTrainer:
         if isinstance(cond, dict):
             return cond
         text = TextEncoder(self.base_model, self.clip, self.encoded.latent_shape)
-        if isinstance(cond, str):
-            return text.prompt_cond(cond)
-        first = cond[0]
-        return text.model_cond(first[0].float().cpu(), first[1].get("pooled_output"))
+        inputs = text.prompt(cond) if isinstance(cond, str) else text.model_inputs(cond)
+        return inputs.as_cond()
 
     def predict_x0(self, x, sigma, cond):
         """Student x0-prediction at noise level sigma (float or per-row tensor) for a prompt, a
         CONDITIONING or a cond dict (`c_crossattn`, ...)."""
         with torch.inference_mode(False), torch.no_grad():
             self._load_base()
-            c = {k: v.to(self.device) for k, v in self.to_model_cond(cond).items()}
-            c = {k: v.expand(x.shape[0], *v.shape[1:]) if v.shape[0] == 1 else v for k, v in c.items()}
+            c = self.to_model_cond(cond)
+            if all(v.shape[0] == 1 for v in c.values() if torch.is_tensor(v)):
+                c = tdft.concat_conds([c] * x.shape[0])  # one prompt for every row
+            c = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in c.items()}
             x = x.to(self.device).float()
             sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).expand(x.shape[0]).clone()
             with self.trained.active(), self.optim.autocast():
-                return self.trained.student_forward(x, sigma, c).float()
+                return forward_by_constants(self.trained.student_forward, x, sigma, c).float()
