@@ -30,7 +30,7 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from .errors import SelfNPOError
-from .lowrank import LayerDelta, LowRankReport, differing_keys, exact_lora_tail, lowrank_deltas  # noqa: F401
+from .lowrank import LayerDelta, LowRankReport, differing_keys, exact_lora_change, lowrank_deltas  # noqa: F401
 from .modes import MODES, PLAIN_CFG, Interval, make_mode, sigma_inside
 from .residency import KEY, BatchedLowRankResidency, SeparateResidency
 from .separate import guard_keys, materialize_independent_copy, separate_negative_for  # noqa: F401
@@ -133,8 +133,7 @@ def _choose_residency(positive, negative, residency: str) -> str:
         return "separate"
     # exact low-rank changes ride along in the batch; anything else gets its own weights
     for key in differing_keys(positive, negative):
-        pos_list, neg_list = positive.patches.get(key, []), negative.patches.get(key, [])
-        if not key.endswith(".weight") or not exact_lora_tail(pos_list, neg_list):
+        if not key.endswith(".weight") or not exact_lora_change(positive, negative, key):
             return "separate"
     return "batched_lowrank"
 
