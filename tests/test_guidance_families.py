@@ -20,7 +20,7 @@ import nodes
 from comfy_selfnpo import tiny_models
 from npo_setup import (CFG, SEED, STRENGTH, StepRecorder, family_setup, guider_sample, hand_cfg, independent_model_with,
                        ksample, latent, rel_err, with_lora)
-from comfy_selfnpo.npo.guidance import SelfNPOGuider, apply_self_npo, get_plan, is_guidance_distilled
+from comfy_selfnpo.npo.guidance import SelfNPOError, SelfNPOGuider, apply_self_npo, get_plan, is_guidance_distilled
 from comfy_selfnpo.npo.lowrank import lora_patch_factors
 
 RESIDENCIES = ("separate", "batched_lowrank")
@@ -257,3 +257,26 @@ def test_slice_lora_patch_factors_equal_comfyui_own_weight_calculation(shape, of
     # not a plain LoRA: ComfyUI's strength_model rescales the weight itself, a function transforms the change
     assert lora_patch_factors((0.7, adapter, 0.5, offset, None), shape) is None
     assert lora_patch_factors((0.7, adapter, 1.0, offset, lambda w: w * 2), shape) is None
+
+
+@pytest.mark.parametrize("kind,key", [("wan21", "diffusion_model.blocks.0.modulation"),
+                                      ("ltxv", "diffusion_model.transformer_blocks.0.scale_shift_table")])
+def test_an_offset_on_a_parameter_that_is_no_layer_weight_gets_separate_weights(kind, key):
+    """A full offset (`.diff`) also changes Wan's `modulation` or LTXV's `scale_shift_table`: no layer
+    output carries that change, so auto gives the negative its own weights, and batched_lowrank says so."""
+    s = family_setup(kind)
+    delta = 0.5 * torch.randn(s.model.model.state_dict()[key].shape, generator=torch.Generator().manual_seed(3))
+    negative_model = s.negative_model()
+    assert negative_model.add_patches({key: ("diff", (delta,))}, STRENGTH) == [key]
+    dense = s.offset.dense(s.model.model.state_dict())
+    reference = dataclasses.replace(s, neg_ind=independent_model_with(
+        kind, None, {**{k: STRENGTH * d for k, d in dense.items()}, key: STRENGTH * delta}))
+    with pytest.raises(SelfNPOError, match=f"cannot apply a change to {key}.*separate"):
+        apply_self_npo(s.model, negative_model, residency="batched_lowrank")
+    recorder = StepRecorder()
+    _, plan = _sample("ksampler", reference, negative_model, "auto", recorder)
+    assert plan.residency == "separate" and plan.verified
+    for step in recorder.steps:
+        expected = hand_cfg(reference, step)
+        assert rel_err(step["denoised"], expected) < 1e-4
+        assert rel_err(hand_cfg(s, step) - step["x"], expected - step["x"]) > 1e-3  # the offset matters
