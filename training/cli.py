@@ -84,13 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("model (loaded with ComfyUI's loaders)")
     model.add_argument("--checkpoint", "--ckpt", help="single-file checkpoint (SD1.5, SDXL, ...) with MODEL, CLIP and VAE")
-    model.add_argument("--diffusion-model", help="diffusion model (UNet) file; replaces the checkpoint's")
+    model.add_argument("--diffusion-model", help="diffusion model (UNet / DiT) file; replaces the checkpoint's")
     model.add_argument("--text-encoder", action="append", help="text encoder file (repeat for SDXL: CLIP-L and CLIP-G)")
     model.add_argument("--clip-type", help="ComfyUI CLIPType for --text-encoder (default stable_diffusion, "
-                       "which also covers SD2 and SDXL)")
+                       "which also covers SD2 and SDXL; sd3, wan, flux, chroma, ltxv, qwen_image, lumina2, ...)")
     model.add_argument("--vae", help="VAE file (needed for --data images when the checkpoint has none)")
+    model.add_argument("--shift", type=float, help="flow models: the timestep shift to sample and train with, as "
+                       "ComfyUI's ModelSamplingSD3/Flux nodes set it (default: the model's own)")
     data = parser.add_argument_group("data (one of)")
-    data.add_argument("--data", help="folder of images with same-name .txt captions (kohya layout)")
+    data.add_argument("--data", help="folder of images (video models: also clips, .mp4/.webm/.gif) with same-name "
+                      ".txt captions (kohya layout)")
     data.add_argument("--prompts", help="text file, one prompt per line (data-free mode)")
     data.add_argument("--caption-extension", help="caption file extension (default .txt)")
     out = parser.add_argument_group("output")
@@ -333,12 +336,17 @@ def _load(args):
 
         ckpt = tiny_models.build_checkpoint("sd15", seed=0)
         return LoadedModels(ckpt.model, ckpt.clip, ckpt.vae, "built-in tiny SD1.5 model (demo)")
-    from .model_loading import load_checkpoint, load_parts
+    from .model_loading import load_checkpoint, load_parts, with_shift
 
     if args.checkpoint and not (args.diffusion_model or args.text_encoder or args.vae):
-        return load_checkpoint(args.checkpoint)
-    return load_parts(args.diffusion_model, args.text_encoder or (), args.vae,
-                      args.clip_type or "stable_diffusion", checkpoint=args.checkpoint)
+        loaded = load_checkpoint(args.checkpoint)
+    else:
+        loaded = load_parts(args.diffusion_model, args.text_encoder or (), args.vae,
+                            args.clip_type or "stable_diffusion", checkpoint=args.checkpoint)
+    if args.shift is not None:
+        loaded.model = with_shift(loaded.model, args.shift)
+        loaded.description += f", shift {args.shift:g}"
+    return loaded
 
 
 def _data(args, config):

@@ -2,7 +2,10 @@
 
 Formats (one function each in EXPORTERS):
   lora    kohya keys (`lora_unet_*.lora_down/.lora_up/.alpha`) ComfyUI's LoRA loaders map; LoRA runs
-  offset  ComfyUI's LoraSave "full_diff" layout: `diffusion_model.<key>.diff` / `.diff_b`, exact
+  offset  ComfyUI's LoraSave "full_diff" layout, exact, every changed tensor: a layer's weight as
+          `diffusion_model.<layer>.diff`, its bias as `<layer>.diff_b`, any other parameter (Wan's
+          `modulation`, LTXV's `scale_shift_table`) as `diffusion_model.<parameter>.diff` — the keys
+          ComfyUI's LoRA loader maps (comfy.lora.model_lora_keys_unet)
   unet    the whole trained diffusion model with ComfyUI/ldm keys, float32 (fp16 would round away
           small updates)
 """
@@ -21,12 +24,18 @@ def _lora(trained, base_model) -> dict:
 
 
 def _offset(trained, base_model) -> dict:
+    deltas = trained.weight_deltas()
     out = {}
-    for key, delta in trained.weight_deltas().items():
+    for key, delta in deltas.items():
+        if not torch.count_nonzero(delta):
+            continue  # unchanged (buffers, frozen parts)
         stem, _, param = key.rpartition(".")
-        suffix = {"weight": "diff", "bias": "diff_b"}.get(param)
-        if suffix is not None:
-            out[f"diffusion_model.{stem}.{suffix}"] = delta
+        if param == "weight":
+            out[f"diffusion_model.{stem}.diff"] = delta
+        elif param == "bias" and f"{stem}.weight" in deltas:
+            out[f"diffusion_model.{stem}.diff_b"] = delta
+        else:
+            out[f"diffusion_model.{key}.diff"] = delta
     return out
 
 

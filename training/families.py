@@ -69,8 +69,3 @@ def makes_video(family: Family, base_model) -> bool:
     if family.video is not None:
         return family.video
     return int(getattr(base_model.latent_format, "latent_dimensions", 2)) == 3
-
-
-def is_guidance_distilled(base_model) -> bool:
-    """Flux-dev, HunyuanVideo v1: the guidance scale is an input, there is no real unconditional branch."""
-    return bool(base_model.model_config.unet_config.get("guidance_embed", False))

@@ -1,7 +1,8 @@
 """The identity of the model a run trains from: a hash that a resumed run must reproduce exactly.
 
-It is computed from the *stored* bytes of the base weights (a fixed strided sample of each tensor)
-and the MODEL's weight patches (their tensors' bytes and strengths), without applying anything. So
+It is computed from the *stored* bytes of the base weights (a fixed strided sample of each tensor),
+the MODEL's weight patches (their tensors' bytes and strengths) and its noise schedule, without
+applying anything. So
 it is the same on any device, with any thread count, and whether ComfyUI has the patches merged into
 the weights, applies them at cast time (low-VRAM / dynamic VRAM) or has not loaded the model yet.
 """
@@ -61,9 +62,15 @@ def _digest_patches(h, patches: dict) -> None:
 
 
 def model_identity(patcher) -> str:
-    """Hash of a MODEL (ModelPatcher, or a bare BaseModel) as it is wired into training."""
+    """Hash of a MODEL (ModelPatcher, or a bare BaseModel) as it is wired into training: its weights,
+    its weight patches and its noise schedule (a ModelSampling node's shift changes what is trained)."""
     h = hashlib.sha256()
     for key, t in sorted(_stored_weights(patcher).items()):
         tensor_digest(h, key, t)
     _digest_patches(h, getattr(patcher, "patches", {}) or {})
+    get = getattr(patcher, "get_model_object", None)
+    sampling = get("model_sampling") if get is not None else getattr(patcher, "model_sampling", None)
+    sigmas = getattr(sampling, "sigmas", None)
+    if torch.is_tensor(sigmas):
+        tensor_digest(h, f"model_sampling:{type(sampling).__name__}", sigmas)
     return h.hexdigest()[:32]

@@ -156,3 +156,28 @@ def load_parts(diffusion_model=None, text_encoders=(), vae=None, clip_type: str 
         raise ModelLoadError("no text encoder: pass --text-encoder FILE (twice for SDXL's CLIP-L and "
                              "CLIP-G, with --clip-type sdxl) or a --checkpoint that contains one")
     return LoadedModels(model, clip, vae_obj, ", ".join(parts))
+
+
+def with_shift(model, shift: float):
+    """A clone of a flow MODEL sampling (and so training) with another timestep shift, as ComfyUI's
+    ModelSamplingSD3 / ModelSamplingFlux / ModelSamplingAuraFlow nodes set it: the same schedule class,
+    new parameters. EPS/V models have no shift: UnsupportedModel."""
+    import inspect
+
+    import comfy.model_sampling
+
+    current = model.get_model_object("model_sampling")
+    if not isinstance(current, comfy.model_sampling.CONST):
+        raise UnsupportedModel(f"--shift applies to flow models (SD3, Flux, Chroma, Wan, Qwen-Image, ...); this "
+                               f"model samples with {type(current).__name__}")
+    if shift <= 0:
+        raise ModelLoadError(f"--shift must be > 0, got {shift}")
+    sampling = type(current)(model.model.model_config)
+    parameters = inspect.signature(sampling.set_parameters).parameters
+    kwargs = {"shift": shift}
+    if "multiplier" in parameters:
+        kwargs["multiplier"] = current.multiplier
+    sampling.set_parameters(**kwargs)
+    clone = model.clone()
+    clone.add_object_patch("model_sampling", sampling)
+    return clone

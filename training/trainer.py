@@ -27,7 +27,7 @@ from .conditioning import TextEncoder, forward_by_constants
 from .encoding import LATENTS, encode_data
 from .autograd_safety import needs_saved_copies, saved_tensor_copies
 from .errors import DataError, NonFiniteLoss, OutOfMemory, TrainingCancelled, UnsupportedModel, out_of_memory
-from .families import family_of, is_guidance_distilled, makes_video
+from .families import family_of, makes_video
 from .geometry import latent_geometry
 from .grad_checkpointing import gradient_checkpointing
 from .identity import model_identity
@@ -104,18 +104,16 @@ def training_patcher(model, log):
     return clone
 
 
-def _check_model(base_model):
+def _check_model(patcher):
     """The model's family; UnsupportedModel for what TDFT cannot train."""
-    if not hasattr(base_model, "diffusion_model"):
+    from ..npo.guidance import GUIDANCE_DISTILLED_WHY, is_guidance_distilled
+
+    if not hasattr(patcher.model, "diffusion_model"):
         raise UnsupportedModel("the MODEL has no diffusion_model; TDFT trains diffusion UNets/DiTs")
-    if is_guidance_distilled(base_model):
-        raise UnsupportedModel(
-            f"this model ({type(base_model.model_config).__name__}) is guidance-distilled: the guidance scale is "
-            "an input of the network (Flux-dev, HunyuanVideo v1) and it has no real unconditional branch. "
-            "Self-NPO trains the model's unconditional prediction and guides away from it with CFG, which such "
-            "models do not run (they sample at cfg 1). Train a model with real CFG (e.g. Chroma, SD3.5, "
-            "Qwen-Image, Wan, HunyuanVideo 1.5).")
-    return family_of(base_model)
+    if is_guidance_distilled(patcher):
+        raise UnsupportedModel(f"cannot train a Self-NPO negative for {type(patcher.model.model_config).__name__}: "
+                               f"{GUIDANCE_DISTILLED_WHY}.")
+    return family_of(patcher.model)
 
 
 def family_settings(config, family):
@@ -146,7 +144,7 @@ class TDFTTrainer:
         self.world = world or LocalWorld()
         model = training_patcher(model, self.log)
         self.base_patcher, self.base_model = model, model.model
-        self.family = _check_model(self.base_model)
+        self.family = _check_model(model)
         self.run_config = family_settings(config, self.family)  # "attn", "auto" as this family means them
         self.schedule = tdft.NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
         if self.schedule.T < config.grid_size:
