@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from comfy_exec import run_prompt, validate
@@ -42,7 +43,8 @@ def api_path(name: str) -> Path:
     return build.API_DIR / f"{name}.json"
 
 # Only sizes and step counts are shrunk for the tiny models on a CPU; every other input runs as shipped.
-SHRINK = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 4},
+SHRINK = {"EmptyLatentImage": {"width": 64, "height": 64}, "EmptySD3LatentImage": {"width": 64, "height": 64},
+          "EmptyHunyuanLatentVideo": {"width": 64, "height": 64, "length": 5}, "KSampler": {"steps": 4},
           "BasicScheduler": {"steps": 4}, "SelfNPOTrainTDFT": {"steps": 3, "save_every": 0, "preview_every": 0,
                                                  "overrides": "resolution = 64\ntrajectory_buffer = 2\nbatch_size = 1"}}
 
@@ -74,6 +76,25 @@ def write_stand_in_models(models_root: Path, tiny, leave_out: frozenset[str] = f
     for rel, tensors in files.items():
         if Path(rel).name not in leave_out:
             write(str(models_root / rel), tensors)
+    _split_file_stand_ins(models_root, tiny)
+
+
+def _split_file_stand_ins(models_root: Path, tiny) -> None:
+    """Wan 2.1 and Qwen-Image as split files (diffusion model, text encoder, VAE) under the shipped
+    names, and a Self-NPO LoRA for the Qwen-Image one (kohya names ComfyUI maps on any model)."""
+    for kind, names in (("wan21", (build.WAN_UNET, build.WAN_TEXT_ENCODER, build.WAN_VAE)),
+                        ("qwen_image", (build.QWEN_UNET, build.QWEN_TEXT_ENCODER, build.QWEN_VAE))):
+        files = tiny.save_files(models_root, kind, seed=0)
+        for path, name in zip((files.diffusion_models["model"], files.text_encoders[0], files.vae), names):
+            path.rename(path.with_name(name))
+        if kind == "qwen_image":
+            offset = make_npo_offset(files.built.model, seed=5)
+            lora = {}
+            for key, (up, down, alpha) in offset.factors.items():
+                stem = "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+                lora.update({f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down,
+                             f"{stem}.alpha": torch.tensor(alpha)})
+            write(str(models_root / build.QWEN_SELFNPO), lora)
 
 
 @pytest.fixture
@@ -84,7 +105,7 @@ def model_files(tiny, comfy_dirs):
 
 def test_every_workflow_has_both_forms_and_matches_the_generator(comfy_registry):
     built = build.build_all(comfy_registry.NODE_CLASS_MAPPINGS, comfy_registry.NODE_DISPLAY_NAME_MAPPINGS)
-    assert sorted(built) == NAMES and len(NAMES) == 4
+    assert sorted(built) == NAMES and len(NAMES) == 6
     # nothing else in the two folders: the template browser lists every .json of example_workflows/
     assert sorted(p.name for p in build.UI_DIR.glob("*.json")) == sorted(ui_path(n).name for n in NAMES)
     assert sorted(p.name for p in build.API_DIR.glob("*.json")) == sorted(api_path(n).name for n in NAMES)
@@ -159,8 +180,10 @@ def test_template_has_a_thumbnail_download_links_and_says_what_to_do_first(comfy
     for model in [m for n in ui["nodes"] for m in n["properties"].get("models", [])] + ui.get("models", []):
         assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + model["name"])
         assert model["directory"] in folder_paths.folder_names_and_paths and model["name"].endswith(".safetensors")
-    checkpoints = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "CheckpointLoaderSimple"]
-    assert checkpoints and all(("checkpoints", c) in listed for c in checkpoints)
+    loaders = {"CheckpointLoaderSimple": "checkpoints", "UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders",
+               "VAELoader": "vae"}
+    loaded = [(loaders[n["type"]], n["widgets_values"][0]) for n in ui["nodes"] if n["type"] in loaders]
+    assert loaded and all(item in listed for item in loaded)
     # a workflow that loads Self-NPO weights the user has to train says so first
     notes = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] in graph.FRONTEND_ONLY]
     needs_training = any(str(v).startswith("self_npo/") for n in ui["nodes"] for v in n["widgets_values"])
@@ -186,15 +209,29 @@ def test_api_workflow_validates_as_shipped(comfy_registry, model_files, name):
     assert outputs
 
 
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov")
+
+
 def _saved_images(history: dict, output_dir: Path) -> dict[str, np.ndarray]:
+    """filename -> pixels: [H, W, C] for an image, [F, H, W, C] for a saved video."""
     images = {}
     for node_out in history["outputs"].values():
         for item in node_out.get("images", []):
             if item["type"] != "output":
                 continue
+            if item["filename"].endswith(VIDEO_SUFFIXES):
+                images[item["filename"]] = _video_frames(output_dir / item["subfolder"] / item["filename"])
+                continue
             path = output_dir / item["subfolder"] / item["filename"]
             images[item["filename"]] = np.asarray(Image.open(path), dtype=np.float32)
     return images
+
+
+def _video_frames(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]).astype(np.float32)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -203,7 +240,11 @@ def test_api_workflow_executes_end_to_end(comfy_registry, model_files, name):
     images = _saved_images(history, model_files["output"])
     assert images, history
     for filename, pixels in images.items():
-        assert pixels.ndim == 3 and pixels.std() > 0, filename
+        assert pixels.ndim == (4 if filename.endswith(VIDEO_SUFFIXES) else 3) and pixels.std() > 0, filename
+    if name == "wan21_t2v_train_selfnpo_then_sample":  # two clips of 5 frames (shrunk from 33)
+        videos = {k.split("_0")[0]: v for k, v in images.items() if k.endswith(VIDEO_SUFFIXES)}
+        assert sorted(videos) == ["wan_npo", "wan_plain_cfg"] and videos["wan_npo"].shape[0] == 5
+        assert np.abs(videos["wan_npo"] - videos["wan_plain_cfg"]).mean() > 0.5, "Self-NPO must change the clip"
     if name == "sd15_selfnpo_ksampler":
         npo = next(v for k, v in images.items() if k.startswith("sd15_npo"))
         plain = next(v for k, v in images.items() if k.startswith("sd15_plain_cfg"))

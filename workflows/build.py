@@ -53,10 +53,34 @@ TRAIN_FIRST = (
     f"([download]({DIFFUSION_NPO_RELEASE}), into `models/loras`) work there too."
 )
 
+# Wan 2.1 text-to-video (1.3B) and Qwen-Image, as ComfyUI's own examples load them (split files).
+WAN_REPACKAGED = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+WAN_UNET, WAN_TEXT_ENCODER, WAN_VAE = ("wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                                       "wan_2.1_vae.safetensors")
+WAN_MODELS = [ModelFile(WAN_UNET, WAN_REPACKAGED + "diffusion_models/" + WAN_UNET, "diffusion_models"),
+              ModelFile(WAN_TEXT_ENCODER, WAN_REPACKAGED + "text_encoders/" + WAN_TEXT_ENCODER, "text_encoders"),
+              ModelFile(WAN_VAE, WAN_REPACKAGED + "vae/" + WAN_VAE, "vae")]
+QWEN_REPACKAGED = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/"
+QWEN_UNET, QWEN_TEXT_ENCODER, QWEN_VAE = ("qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                          "qwen_image_vae.safetensors")
+QWEN_MODELS = [ModelFile(QWEN_UNET, QWEN_REPACKAGED + "diffusion_models/" + QWEN_UNET, "diffusion_models"),
+               ModelFile(QWEN_TEXT_ENCODER, QWEN_REPACKAGED + "text_encoders/" + QWEN_TEXT_ENCODER, "text_encoders"),
+               ModelFile(QWEN_VAE, QWEN_REPACKAGED + "vae/" + QWEN_VAE, "vae")]
+QWEN_SELFNPO = "self_npo/qwen_image_selfnpo_lora.safetensors"
+WAN_TITLE = "Self-NPO for Wan 2.1 video"
+QWEN_TITLE = "Self-NPO with Qwen-Image"
+
 PROMPT = "a photo of a corgi wearing a red scarf, sitting on a wooden bench in a park, soft morning light"
+VIDEO_PROMPT = "a corgi wearing a red scarf runs along a beach at sunset, waves rolling in, camera tracking"
 
 
 SAMPLER = dict(seed=20251124, steps=25, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
+# Self-NPO guidance as the paper does it, over the whole run; every workflow shows the knobs
+GUIDANCE = dict(residency="auto", rank=0, mode="npo", autoguidance_scale=1.0, start_percent=0.0, end_percent=1.0)
+GUIDANCE_NOTE = ("* *mode*: `npo` (the paper: your negative prompt on the negative model), `autoguidance` (the "
+                 "negative model on your prompt), `cfg+autoguidance` (plain CFG plus *autoguidance_scale* · "
+                 "(model − negative model)). *start_percent*/*end_percent* limit Self-NPO to part of the run; "
+                 "outside it a step is plain CFG and costs nothing extra.")
 
 
 def _prompts_and_latent(g: Graph, clip, negative_title: str = "Negative prompt", size: int = 512):
@@ -85,7 +109,7 @@ def sd15_apply_selfnpo_ksampler() -> Graph:
     neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model", model=ckpt[0],
                       npo_weights=SD15_SELFNPO, strength=1.0, merge_weight=0.0)
     npo_model = g.add("SelfNPOApply", "Apply Self-NPO", model=ckpt[0], negative_model=neg_model[0],
-                      residency="auto", rank=0)
+                      **GUIDANCE)
     conds = _prompts_and_latent(g, ckpt[1], "Negative prompt (empty, as in the paper)")
     _ksample_and_save(g, "KSampler (Self-NPO)", npo_model[0], conds, ckpt[2], (3, 0), "selfnpo/sd15_npo")
     _ksample_and_save(g, "KSampler (plain CFG)", ckpt[0], conds, ckpt[2], (3, 2), "selfnpo/sd15_plain_cfg")
@@ -98,7 +122,7 @@ def sd15_apply_selfnpo_ksampler() -> Graph:
            "(one batched forward, like plain CFG), `auto` picks. *rank* (0 = as stored) truncates "
            "full offsets by SVD for batched mode.\n"
            "* The two KSamplers share seed and settings: the right column is plain CFG for comparison.",
-           at=(0, 2))
+           GUIDANCE_NOTE, at=(0, 2))
     return g
 
 
@@ -112,7 +136,7 @@ def sdxl_selfnpo_guider() -> Graph:
     neg = g.add("CLIPTextEncode", "Negative prompt", at=(1, 2), clip=ckpt[1], text="")
     guider = g.add("SelfNPOCFGGuider", "Self-NPO CFG Guider", at=(2, 0), model=ckpt[0],
                    negative_model=neg_model[0], positive=pos[0], negative=neg[0], cfg=7.0,
-                   residency="auto", rank=0)
+                   **GUIDANCE)
     noise = g.add("RandomNoise", at=(2, 1), noise_seed=20251124)
     sampler = g.add("KSamplerSelect", at=(2, 2), sampler_name="euler")
     sigmas = g.add("BasicScheduler", at=(2, 3), model=ckpt[0], scheduler="normal", steps=30, denoise=1.0)
@@ -126,7 +150,7 @@ def sdxl_selfnpo_guider() -> Graph:
            "Pooled/ADM conditioning, ControlNet, area and mask conditioning reach the negative model "
            "exactly as they reach the positive one. At cfg = 1 the negative branch is skipped.",
            "Self-NPO SDXL weights were trained with corruption guidance w = −5 (the published recipe).",
-           at=(0, 2))
+           GUIDANCE_NOTE, at=(0, 2))
     return g
 
 
@@ -137,11 +161,11 @@ def train_then_sample() -> Graph:
     train = g.add("SelfNPOTrainTDFT", "Self-NPO Train (TDFT)", model=ckpt[0], clip=ckpt[1], vae=ckpt[2],
                   **TRAIN_NODE_INPUTS)
     npo_model = g.add("SelfNPOApply", "Apply Self-NPO", at=(2, 0), model=ckpt[0], negative_model=train[0],
-                      residency="auto", rank=0)
+                      **GUIDANCE)
     conds = _prompts_and_latent(g, ckpt[1])
     _ksample_and_save(g, "KSampler (Self-NPO)", npo_model[0], conds, ckpt[2], (3, 0), "selfnpo/trained_npo")
     g.add("SaveImage", "Loss curve", at=(2, 2), images=train[2], filename_prefix="selfnpo/loss_curve")
-    g.note(*TRAIN_NOTE, at=(0, 2))
+    g.note(*TRAIN_NOTE, GUIDANCE_NOTE, at=(0, 2))
     return g
 
 
@@ -157,7 +181,7 @@ def diffusion_npo_release_with_beta() -> Graph:
     neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model (β)", at=(2, 0), model=styled[0],
                       npo_weights=DIFFUSION_NPO_LORA, strength=1.0, merge_weight=0.5, base_model=ckpt[0])
     npo_model = g.add("SelfNPOApply", "Apply Self-NPO", at=(3, 0), model=styled[0], negative_model=neg_model[0],
-                      residency="auto", rank=0)
+                      **GUIDANCE)
     conds = _prompts_and_latent(g, ckpt[1])
     _ksample_and_save(g, "KSampler (Diffusion-NPO)", npo_model[0], conds, ckpt[2], (4, 0),
                       "selfnpo/diffusion_npo_beta")
@@ -170,7 +194,7 @@ def diffusion_npo_release_with_beta() -> Graph:
            "model keeps everything the positive model has (here: your LoRA); β = 1 removes it again, so "
            "the negative branch is base + NPO. Connect **base_model** (the checkpoint without your LoRAs) "
            "whenever β ≠ 0.",
-           at=(0, 2))
+           GUIDANCE_NOTE, at=(0, 2))
     return g
 
 
@@ -203,7 +227,100 @@ TRAIN_NOTE = (
     "* *preview_every*: shows the first prompt with plain CFG and with NPO-CFG in the progress bar."
 )
 
-GRAPHS = [sd15_apply_selfnpo_ksampler, sdxl_selfnpo_guider, train_then_sample, diffusion_npo_release_with_beta]
+def _split_files_model(g: Graph, unet: ModelFile, text_encoder: ModelFile, vae: ModelFile, clip_type: str):
+    """UNETLoader, CLIPLoader and VAELoader in the first column, for a model shipped as split files."""
+    model = g.add("UNETLoader", "Load diffusion model", at=(0, 0), unet_name=unet.name, weight_dtype="default",
+                  models=[unet])
+    clip = g.add("CLIPLoader", "Load text encoder", at=(0, 1), clip_name=text_encoder.name, type=clip_type,
+                 device="default", models=[text_encoder])
+    vae_node = g.add("VAELoader", "Load VAE", at=(0, 2), vae_name=vae.name, models=[vae])
+    return model, clip, vae_node
+
+
+def wan_train_then_sample_video() -> Graph:
+    g = Graph("wan21_t2v_train_selfnpo_then_sample", WAN_TITLE,
+              "Wan 2.1 text-to-video: train a Self-NPO LoRA data-free on the loaded model, then sample a clip with "
+              "it beside plain CFG (same seed), both saved as videos.")
+    model, clip, vae = _split_files_model(g, *WAN_MODELS, clip_type="wan")
+    shifted = g.add("ModelSamplingSD3", "Shift (as Wan samples)", at=(1, 0), model=model[0], shift=8.0)
+    train = g.add("SelfNPOTrainTDFT", "Self-NPO Train (TDFT)", at=(2, 0), model=shifted[0], clip=clip[0],
+                  vae=vae[0], **WAN_TRAIN_INPUTS)
+    npo = g.add("SelfNPOApply", "Apply Self-NPO", at=(3, 0), model=shifted[0], negative_model=train[0],
+                **GUIDANCE)
+    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 2), clip=clip[0], text=VIDEO_PROMPT)
+    neg = g.add("CLIPTextEncode", "Negative prompt (empty, as in the paper)", at=(1, 3), clip=clip[0], text="")
+    latent = g.add("EmptyHunyuanLatentVideo", "Empty video (33 frames, 480p)", at=(1, 4), width=832, height=480,
+                   length=33, batch_size=1)
+    for title, sampled_model, row, prefix in (("KSampler (Self-NPO)", npo[0], 0, "selfnpo/wan_npo"),
+                                              ("KSampler (plain CFG)", shifted[0], 2, "selfnpo/wan_plain_cfg")):
+        sample = g.add("KSampler", title, at=(4, row), model=sampled_model, positive=pos[0], negative=neg[0],
+                       latent_image=latent[0], seed=20251124, steps=30, cfg=6.0, sampler_name="uni_pc",
+                       scheduler="simple", denoise=1.0)
+        frames = g.add("VAEDecode", at=(5, row), samples=sample[0], vae=vae[0])
+        video = g.add("CreateVideo", at=(6, row), images=frames[0], fps=16.0)
+        g.add("SaveVideo", at=(7, row), video=video[0], filename_prefix=prefix, format="auto", codec="auto")
+    g.add("SaveImage", "Loss curve", at=(3, 2), images=train[2], filename_prefix="selfnpo/wan_loss_curve")
+    g.note("## Self-NPO for Wan 2.1 text-to-video",
+           "**Self-NPO Train (TDFT)** trains a LoRA on the loaded Wan model with no data at all: it continues "
+           "buffered trajectories of its own generations (17-frame clips) with corruption guidance w = −1 "
+           "(the unconditional branch alone). Video models are data-free by nature; a folder of captioned clips "
+           "(`.mp4`/`.webm`/`.gif` + `.txt`) also works.",
+           "* The trainer samples the model as given: the shift of **ModelSamplingSD3** (8, as ComfyUI's Wan "
+           "examples use) applies to training too.\n"
+           "* *overrides*: `frames` (4·k+1 for Wan's VAE), `resolution`, `fps` of data clips, or any other "
+           "setting. The LoRA lands in `models/self_npo`; rerunning with the same name resumes.\n"
+           "* **Apply Self-NPO** then runs CFG's negative branch on the trained negative model.",
+           GUIDANCE_NOTE, at=(0, 3))
+    return g
+
+
+def qwen_image_selfnpo() -> Graph:
+    g = Graph("qwen_image_selfnpo", QWEN_TITLE,
+              "Qwen-Image text-to-image with Self-NPO through KSampler, beside plain CFG with the same seed.")
+    model, clip, vae = _split_files_model(g, *QWEN_MODELS, clip_type="qwen_image")
+    shifted = g.add("ModelSamplingAuraFlow", "Shift (as Qwen-Image samples)", at=(1, 0), model=model[0], shift=3.1)
+    neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model", at=(2, 0), model=shifted[0],
+                      npo_weights=QWEN_SELFNPO, strength=1.0, merge_weight=0.0)
+    npo = g.add("SelfNPOApply", "Apply Self-NPO", at=(3, 0), model=shifted[0], negative_model=neg_model[0],
+                **GUIDANCE)
+    pos = g.add("CLIPTextEncode", "Prompt", at=(1, 2), clip=clip[0], text=PROMPT)
+    neg = g.add("CLIPTextEncode", "Negative prompt (empty, as in the paper)", at=(1, 3), clip=clip[0], text="")
+    latent = g.add("EmptySD3LatentImage", at=(1, 4), width=1328, height=1328, batch_size=1)
+    for title, sampled_model, row, prefix in (("KSampler (Self-NPO)", npo[0], 0, "selfnpo/qwen_npo"),
+                                              ("KSampler (plain CFG)", shifted[0], 2, "selfnpo/qwen_plain_cfg")):
+        sample = g.add("KSampler", title, at=(4, row), model=sampled_model, positive=pos[0], negative=neg[0],
+                       latent_image=latent[0], seed=20251124, steps=20, cfg=2.5, sampler_name="euler",
+                       scheduler="simple", denoise=1.0)
+        decoded = g.add("VAEDecode", at=(5, row), samples=sample[0], vae=vae[0])
+        g.add("SaveImage", at=(6, row), images=decoded[0], filename_prefix=prefix)
+    g.note("## Self-NPO with Qwen-Image",
+           "**Train first.** This workflow needs Self-NPO weights for Qwen-Image in `models/self_npo`: train them "
+           "with the **Self-NPO Train (TDFT)** node on this model (data-free from prompts, e.g. preset `lora-24gb`) "
+           "or with `comfy-selfnpo-train --diffusion-model qwen_image…safetensors --text-encoder qwen_2.5_vl…"
+           "safetensors --clip-type qwen_image --vae qwen_image_vae.safetensors --prompts prompts.txt`, then pick "
+           "the file in **Self-NPO Negative Model**.",
+           "* Qwen-Image runs real CFG (cfg 2.5 here): its negative branch is where Self-NPO acts "
+           "(`cfg+autoguidance` is the one mode that also acts at cfg 1).",
+           GUIDANCE_NOTE, at=(0, 3))
+    return g
+
+
+# Data-free Wan training: a LoRA for a 12 GB GPU on 17-frame clips at 480 px.
+WAN_TRAIN_INPUTS: dict = dict(
+    data_folder="",
+    prompts="\n".join([
+        "a corgi running along a beach at sunset",
+        "a timelapse of clouds over snowy mountains",
+        "a chef chopping vegetables in a busy kitchen",
+        "a red car driving through a rainy city at night",
+        "a hummingbird hovering near a pink flower, slow motion",
+    ]),
+    preset="lora-12gb", steps=1000, learning_rate=0.0, lora_rank=0, teacher="preset", seed=0,
+    output_name="wan21_selfnpo_lora", save_every=100, preview_every=0, overrides="frames = 17\nresolution = 480",
+)
+
+GRAPHS = [sd15_apply_selfnpo_ksampler, sdxl_selfnpo_guider, train_then_sample, diffusion_npo_release_with_beta,
+          wan_train_then_sample_video, qwen_image_selfnpo]
 
 
 def graphs() -> list[Graph]:

@@ -204,7 +204,7 @@ MIN_WIDTH = 140
 WIDGET_PADDING = 86  # the widget's margins, arrows and minimum value width
 WIDGET_TEXT_PADDING = 100  # label-to-edge margins and paddings of a widget showing label and value
 TITLE_CHAR_WIDTH = 8.3
-LABEL_CHAR_WIDTH = 6.2  # slot names, widget labels and values
+LABEL_CHAR_WIDTH = 6.4  # slot names, widget labels and values
 TEXT_BOX = dict(char_width=4.7, line_height=19, padding=24, min_height=50)  # multi-line text widgets
 NOTE = dict(width=440, char_width=5.1, line_height=11, heading=24, block_gap=10, padding=30)  # Markdown notes
 GAP = (60, 40)  # between columns, between rows
