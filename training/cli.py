@@ -407,6 +407,7 @@ def _session(args, config, paths, stop, world):
                              allow_data_change=bool(args.allow_data_change),
                              preview_every=args.preview_every or 0, preview_prompt=args.preview_prompt or "",
                              preview_seed=config.seed, preview_settings=preview, should_stop=stop,
+                             model_name=Path(args.checkpoint or args.diffusion_model or "demo").name,
                              extra_summary={"model": loaded.description, "command": sys.argv[1:],
                                             "processes": world.size})
     session = TrainingSession(loaded.model, loaded.clip, loaded.vae, data, config, paths, options, world=world)

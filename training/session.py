@@ -97,6 +97,7 @@ class SessionOptions:
     should_stop: Callable[[], bool] | None = None
     on_prepare: Callable[[int, int], None] | None = None  # (done, total) of the one-time data preparation
     allow_data_change: bool = False  # resume although the data's content differs from the checkpoint's
+    model_name: str = ""  # the base model's file name, recorded in the exported files' metadata
     extra_summary: dict = field(default_factory=dict)
 
 
@@ -149,6 +150,7 @@ class TrainingSession:
                               f"{str(paths.checkpoint)!r} to start over (nothing was overwritten)")
         self.trainer = TDFTTrainer(self.model, self.clip, self.vae, self.data, self.config, paths.run_dir,
                                    device=self.device, log=log.info, world=self.world)
+        self.trainer.model_name = opts.model_name
         if exists and opts.resume:
             # ResumeMismatch says what differs (or how to start over from a damaged checkpoint)
             self.trainer.load_checkpoint(paths.checkpoint, allow_data_change=opts.allow_data_change)
