@@ -62,7 +62,12 @@ class SelfNPONegativeModelLoader(io.ComfyNode):
                                tooltip="θ_base: the model the NPO weights were trained from (needed for a "
                                        "merge weight ≠ 0; full-UNet files become an offset against it)."),
             ],
-            outputs=[io.Model.Output(display_name="negative_model"), io.String.Output(display_name="report")],
+            outputs=[io.Model.Output(display_name="negative_model",
+                                     tooltip="The negative model, for 'Apply Self-NPO' / 'Self-NPO CFG Guider' (not "
+                                             "for sampling on its own: it shares its weights with the model)."),
+                     io.String.Output(display_name="report",
+                                      tooltip="What the file held and what was patched (format, weights, unmatched "
+                                              "keys).")],
         )
 
     @classmethod
