@@ -106,8 +106,8 @@ WRITERS = {
     "kohya_lora": kohya_state_dict,
     "peft_lora": peft_state_dict,
     "offset": offset_state_dict,
-    "full_unet_ldm": lambda o, p: full_unet_state_dict(o, p, "ldm"),
-    "full_unet_diffusers": lambda o, p: full_unet_state_dict(o, p, "diffusers"),
+    "full_model_ldm": lambda o, p: full_unet_state_dict(o, p, "ldm"),
+    "full_model_diffusers": lambda o, p: full_unet_state_dict(o, p, "diffusers"),
 }
 
 

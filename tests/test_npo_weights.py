@@ -27,16 +27,16 @@ def _assert_weights(negative, expected: dict, untouched_from=None):
 
 
 @pytest.mark.parametrize("kind,fmt", [(k, f) for k in ("sd15",) for f in npo_files.WRITERS]
-                         + [("sdxl", "kohya_lora"), ("sdxl", "peft_lora"), ("sdxl", "full_unet_diffusers")])
+                         + [("sdxl", "kohya_lora"), ("sdxl", "peft_lora"), ("sdxl", "full_model_diffusers")])
 def test_every_format_loads_with_zero_unmatched_keys_and_means_theta_plus_eta_delta(tiny, tmp_path, kind, fmt):
     model = tiny.build_model(kind, seed=3)
     offset = npo_files.make_npo_offset(model, seed=1)
     path = npo_files.write(tmp_path / f"npo_{fmt}.safetensors", npo_files.WRITERS[fmt](offset, model))
     npo = load_npo_file(path)
-    assert npo.format == fmt
+    assert npo.format == fmt.replace("_ldm", "").replace("_diffusers", "")
     eta = 0.7
     negative, report = make_negative_model(model, npo, strength=eta)
-    assert report.format == fmt and report.unmatched == []
+    assert report.format == npo.format and report.unmatched == []
     assert report.patched == len(offset.factors)
     assert report.ignored == (["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"] if fmt == "kohya_lora" else [])
     assert negative.model is model.model  # a clone carrying patches: the positive is untouched
@@ -116,15 +116,15 @@ def test_full_unet_is_an_offset_against_the_base_model(tiny):
 def test_a_file_for_another_architecture_is_refused_with_the_reason(tiny, tmp_path):
     sd15 = tiny.build_model("sd15", seed=3)
     sdxl = tiny.build_model("sdxl", seed=3)
-    for fmt in ("kohya_lora", "peft_lora", "full_unet_ldm"):
+    for fmt in ("kohya_lora", "peft_lora", "full_model_ldm"):
         path = npo_files.write(tmp_path / f"xl_{fmt}.safetensors",
                                npo_files.WRITERS[fmt](npo_files.make_npo_offset(sdxl, seed=1), sdxl))
-        with pytest.raises(NPOFormatError, match="another architecture|not a full UNet"):
+        with pytest.raises(NPOFormatError, match="another architecture|not a whole model"):
             make_negative_model(sd15, load_npo_file(path))
     # names that fit no layer at all
     bogus = {f"lora_unet_nonexistent_block_{i}.lora_down.weight": torch.zeros(4, 8) for i in range(3)}
     bogus.update({f"lora_unet_nonexistent_block_{i}.lora_up.weight": torch.zeros(8, 4) for i in range(3)})
-    with pytest.raises(NPOFormatError, match=r"only 0 of 6 UNet entries match"):
+    with pytest.raises(NPOFormatError, match=r"only 0 of 6 diffusion-model entries match"):
         make_negative_model(sd15, weights.npo_weights_from_state_dict(bogus, "bogus.safetensors"))
 
 
