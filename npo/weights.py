@@ -35,8 +35,11 @@ Offsets carry every changed tensor. Key rule for a model parameter "diffusion_mo
                          (Wan: diffusion_model.blocks.0.modulation.diff; LTXV:
                           diffusion_model.transformer_blocks.0.scale_shift_table.diff,
                           diffusion_model.scale_shift_table.diff)
-ComfyUI's own LoRA loader applies all three (its key map names every non-weight parameter by its
-full key), so such files work in plain ComfyUI too.
+ComfyUI's own LoRA loader reads all three the same way (its key map names every parameter that is
+not a weight by its full key). One limit is ComfyUI's, not the file's: ModelPatcher writes patches
+only into parameters of leaf modules, so the non-leaf ones (Wan's modulation, LTXV's scale_shift_table)
+take no effect when ComfyUI loads a patched clone; the pack's separate residency bakes every patch
+into its own copy (npo.guidance), which is what `auto` picks for such negatives.
 """
 from __future__ import annotations
 
