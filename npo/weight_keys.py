@@ -18,8 +18,9 @@ KOHYA_SUFFIXES = LORA_LAYOUTS[0]
 LORA_EXTRAS = {".lora_mid.weight": "mid", ".alpha": "alpha", ".dora_scale": "dora_scale"}
 # offsets: ComfyUI's LoraSave "full_diff" layout. ".diff" is the change of "<stem>.weight" — or of
 # the parameter "<stem>" itself when it is not a layer's weight (Wan's blocks.0.modulation) —
-# ".diff_b" the change of "<stem>.bias"
-OFFSET_SUFFIXES = {".diff": "weight", ".diff_b": "bias"}
+# ".diff_b" the change of "<stem>.bias". PEFT's lora_bias (".lora_B.bias") is a bias change too:
+# diffusers' Wan LoRA conversion writes the original files' .diff_b there.
+OFFSET_SUFFIXES = {".diff": "weight", ".diff_b": "bias", ".lora_B.bias": "bias"}
 
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "text_encoders.", "cond_stage_model.",
                          "conditioner.", "clip_l.", "clip_g.", "lora_te1_", "lora_te2_")

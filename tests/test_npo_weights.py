@@ -1,5 +1,7 @@
 """NPO weight files: every format loads with zero unmatched keys and means θ + η·δ; β and η follow
-θ_neg = θ_pos + η·δ − β·(θ_pos − θ_base); files for another architecture are refused with a reason."""
+θ_neg = θ_pos + η·δ − β·(θ_pos − θ_base); files for another architecture, or naming a weight twice, or
+giving only part of a fused weight, are refused with a reason. (Every DiT family:
+test_npo_weights_families.py; damaged files and strength 0: test_npo_weights_refusals.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -145,3 +147,19 @@ def test_unreadable_and_unknown_files_and_missing_base_give_clear_errors(tiny, t
     npo = weights.npo_weights_from_state_dict(npo_files.kohya_state_dict(npo_files.make_npo_offset(model), model))
     with pytest.raises(ValueError, match="needs the base model"):
         make_negative_model(model, npo, merge_weight=0.5)
+
+
+def test_files_that_name_a_weight_twice_or_give_part_of_a_fused_weight_are_refused(tiny):
+    model = tiny.build_model("sd3", seed=3)
+    offset = npo_files.lowrank_offset(model, ["diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], seed=1)
+    lora, _ = npo_files.diffusers_peft_state_dict(offset, model, "sd3")
+    bare, _ = npo_files.diffusers_peft_state_dict(offset, model, "sd3", prefix="")
+    with pytest.raises(NPOFormatError, match=r"twice\.safetensors: 'transformer\.transformer_blocks\.0\.attn\.to_q' and "
+                                             r"'transformer_blocks\.0\.attn\.to_q' both change diffusion_model\.joint_blocks"
+                                             r"\.0\.x_block\.attn\.qkv\.weight\[0:128\]; a file may change each weight once"):
+        make_negative_model(model, weights.npo_weights_from_state_dict({**lora, **bare}, "twice.safetensors"))
+    whole, _ = npo_files.diffusers_full_model_state_dict(model, npo_files.dense_change(model), "sd3")
+    del whole["transformer_blocks.1.attn.to_k.weight"]
+    with pytest.raises(NPOFormatError, match=r"give 256 of the 384 rows of diffusion_model\.joint_blocks\.1\.x_block"
+                                             r"\.attn\.qkv\.weight .* the file is incomplete"):
+        make_negative_model(model, weights.npo_weights_from_state_dict(whole, "part.safetensors"))

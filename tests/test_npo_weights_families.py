@@ -208,8 +208,18 @@ def _hunyuan_original_names(model) -> dict[str, str]:
             if isinstance(v, str) and k.startswith("transformer.") and pattern.match(v) and v in matrices}
 
 
+WAN_BIAS_LAYERS = ("blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.0.ffn.2", "head.head")
+
+
 def _wan_lora_in_original_names(model, offset):
-    return npo_files.comfy_peft_state_dict(offset, model)
+    """ComfyUI-native PEFT layout, plus bias offsets (.diff_b) as lightx2v/CausVid Wan LoRAs have
+    them (diffusers turns those into PEFT's lora_B.bias)."""
+    out = npo_files.comfy_peft_state_dict(offset, model)
+    gen = torch.Generator().manual_seed(8)
+    for stem in WAN_BIAS_LAYERS:
+        bias = model.model.state_dict()[f"diffusion_model.{stem}.bias"]
+        out[f"diffusion_model.{stem}.diff_b"] = torch.randn(bias.shape, generator=gen) * 0.05
+    return out
 
 
 def _hunyuan_lora_in_original_names(model, offset):
@@ -242,11 +252,14 @@ def test_loras_converted_to_diffusers_names_by_diffusers_own_code_mean_the_same_
     original = write_original(model, offset)
     converted = getattr(lora_conversion_utils, converter)(dict(original))
     assert set(converted).isdisjoint(original)
+    assert any(k.endswith(".lora_B.bias") for k in converted) == (kind in ("wan21", "wan22_5b"))
     expected = {k: sd[k] + ETA * d for k, d in offset.dense(sd).items()}
+    biases = {k[: -len(".diff_b")] + ".bias": v for k, v in original.items() if k.endswith(".diff_b")}
+    expected.update({k: sd[k] + ETA * d for k, d in biases.items()})
     reference = _by_hand(kind, expected)
     for name, tensors in (("original", original), ("diffusers", converted)):
         negative, report = make_negative_model(model, npo_weights_from_state_dict(tensors, name), strength=ETA)
-        assert report.unmatched == [] and report.patched == len(layers), name
+        assert report.unmatched == [] and report.patched == len(layers) + len(biases), name
         _assert_negative_is(kind, negative, expected, reference)
 
 
