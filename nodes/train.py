@@ -116,9 +116,8 @@ class SelfNPOTrainTDFT(io.ComfyNode):
         import comfy.utils
 
         from ..training.data import ImageCaptionFolder, PromptList
-        from ..training.errors import TrainingCancelled
+        from ..training.errors import OutOfMemory, TrainingCancelled
         from ..training.run_files import image_to_tensor
-        from ..training.errors import OutOfMemory
         from ..training.session import SessionOptions, TrainingSession
         from ..training.settings import build_config
 
@@ -154,9 +153,12 @@ class SelfNPOTrainTDFT(io.ComfyNode):
         def on_preview(image, step):
             report(lambda: pbar.update_absolute(step, config.steps, ("PNG", image, 512)))
 
+        def on_prepare(done, total):  # the data-free buffer's pre-roll: its own progress, cancellable
+            report(lambda: pbar.update_absolute(done, total))
+
         options = SessionOptions(resume=True, preview_every=preview_every, preview_seed=seed,
                                  on_step=on_step, on_preview=on_preview, should_stop=should_stop,
-                                 extra_summary={"node": "SelfNPOTrainTDFT", "name": name})
+                                 on_prepare=on_prepare, extra_summary={"node": "SelfNPOTrainTDFT", "name": name})
         session = TrainingSession(model, clip, vae, data, config, paths, options)
         try:
             trainer = session.prepare()
@@ -169,6 +171,7 @@ class SelfNPOTrainTDFT(io.ComfyNode):
         except OutOfMemory as e:
             raise RuntimeError(f"Self-NPO Train: {e}") from e
         finally:
+            session.close()
             mm.soft_empty_cache()
         _refresh_loader_list()
         return io.NodeOutput(trainer.negative_model(), str(result.weights), image_to_tensor(result.loss_image))

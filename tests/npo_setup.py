@@ -1,8 +1,9 @@
 """A tiny positive model, an NPO LoRA for it, and the same two models built independently by hand.
 
-The guided prediction at every step is compared with uncond(negative) + cfg·(cond(positive) −
-uncond(negative)) evaluated on `pos_ind` / `neg_ind`: fresh modules whose weights were set directly
-(θ and θ + η·δ), sharing nothing with ComfyUI's patching, cloning or loading.
+The guided prediction at every step is compared with the formula of its guidance mode (e.g. npo:
+uncond(negative) + cfg·(cond(positive) − uncond(negative))) evaluated on `pos_ind` / `neg_ind`: fresh
+modules whose weights were set directly (θ and θ + η·δ), sharing nothing with ComfyUI's patching,
+cloning or loading.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ STRENGTH = 1.5
 CFG = 4.0
 STEPS = 4
 SEED = 5
+AG_SCALE = 1.5  # g_ag of mode cfg+autoguidance in the tests
 
 
 @dataclass
@@ -96,7 +98,29 @@ def hand_cfg(s: Setup, step, cfg=CFG, negative_model=None):
     return d_neg + cfg * (d_pos - d_neg)
 
 
+@torch.no_grad()
+def hand_guided(s: Setup, step, mode: str, cfg=CFG, ag_scale=AG_SCALE):
+    """Each mode's guided prediction written out from its formula (issue 11) on the two independent
+    models; "plain" is plain CFG on the positive model. At cfg 1 ComfyUI passes no negative prompt:
+    the c_neg terms cancel, so they are left out."""
+    x, sigma, c, c_neg = step["x"], step["sigma"], step["cond"], step["uncond"]
+    d_pos = lambda conds: predict(s.pos_ind, conds, x, sigma)
+    d_neg = lambda conds: predict(s.neg_ind, conds, x, sigma)
+    if c_neg is None:
+        assert cfg == 1.0
+        return d_pos(c) + ag_scale * (d_pos(c) - d_neg(c)) if mode == "cfg+autoguidance" else d_pos(c)
+    if mode == "npo":
+        return d_neg(c_neg) + cfg * (d_pos(c) - d_neg(c_neg))
+    if mode == "autoguidance":
+        return d_neg(c) + cfg * (d_pos(c) - d_neg(c))
+    if mode == "cfg+autoguidance":
+        return d_pos(c_neg) + cfg * (d_pos(c) - d_pos(c_neg)) + ag_scale * (d_pos(c) - d_neg(c))
+    assert mode == "plain"
+    return d_pos(c_neg) + cfg * (d_pos(c) - d_pos(c_neg))
+
+
 def rel_err(a, b) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
@@ -110,13 +134,15 @@ def ksample(model, s: Setup, cfg=CFG, positive=None, negative=None, steps=STEPS)
     return out["samples"]
 
 
-def guider_sample(guider, s: Setup, cfg=CFG, positive=None, negative=None, steps=STEPS):
-    """What SamplerCustomAdvanced does with a GUIDER, a sampler and sigmas."""
+def guider_sample(guider, s: Setup, cfg=CFG, positive=None, negative=None, steps=STEPS, sigmas=None):
+    """What SamplerCustomAdvanced does with a GUIDER, a sampler and sigmas (default: `steps` of the
+    normal scheduler)."""
     guider.set_conds(positive or s.positive, negative or s.negative)
     guider.set_cfg(cfg)
     lat = latent()["samples"]
     noise = comfy.sample.prepare_noise(lat, SEED)
-    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
+    if sigmas is None:
+        sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
     sampler = comfy.samplers.sampler_object("euler")
     return guider.sample(noise, lat, sampler, sigmas, disable_pbar=True, seed=SEED)
 

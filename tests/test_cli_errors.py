@@ -12,35 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_setup import TINY_HPARAMS, snapshot, summary, write_prompts
+from cli_setup import TINY_HPARAMS, base_args, files, run, snapshot, summary, write_image, write_prompts  # noqa: F401
 from comfy_selfnpo.training import cli
-
-
-@pytest.fixture
-def files(tmp_path, tiny):
-    tiny.save_checkpoint(str(tmp_path / "tiny.safetensors"), "sd15", seed=0)
-    write_prompts(tmp_path)
-    return tmp_path
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    code = cli.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    print(err)  # shown by pytest when an assertion fails
-    return code, err
-
-
-def base_args(files: Path, out: Path, *extra, steps=2, data=None):
-    data_args = ["--data", data] if data is not None else ["--prompts", files / "prompts.txt"]
-    return ["--checkpoint", files / "tiny.safetensors", *data_args, *TINY_HPARAMS, "--steps", steps,
-            "--save-every", 1, "--seed", 1, "--output", out, *extra]
-
-
-def write_image(path: Path, seed: int, caption: str | None = None):
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption)
 
 
 # ------------------------------------------------------------------ model files
@@ -137,7 +110,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(files, capsys, monk
     monkeypatch.setattr(os, "fsync", fsync_disk_full)
     code, err = run(capsys, *base_args(files, out, "--resume", steps=4))
     assert code == cli.EXIT_WRITE
-    assert "disk is full" in err and "previous checkpoint" in err
+    assert "disk is full" in err and "resumable checkpoint of step 2" in err and "is intact" in err
     after = snapshot(out)
     for name in ("checkpoint/state.pt", "self_npo.safetensors"):
         assert after[name] == before[name], name  # intact, byte for byte
@@ -274,7 +247,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, capsys)
     out = files / "out"
     code, err = run(capsys, *base_args(files, out, steps=6), "--learning-rate", "1e30", "--max-grad-norm", "0")
     assert code == cli.EXIT_NONFINITE
-    assert "the TDFT loss became" in err and "Lower the learning rate" in err
+    assert "the TDFT loss became" in err and "lower the learning rate" in err
     s = summary(out)
     assert s["status"] == "non_finite_loss" and 1 <= s["step"] < 6
     import torch as _torch

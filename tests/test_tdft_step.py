@@ -287,7 +287,7 @@ def test_data_free_buffer_covers_the_noise_levels_like_image_mode():
     image = tdft.teacher_rollout(exact_denoiser, schedule, grid, tdft.noise_to(schedule, x0, grid[index], noise),
                                  index, K, -1.0, {}, {})
     # data-free: 64 trajectories, B per step, continued K steps per use (prompts carry no conditioning)
-    encoded = EncodedData(latents=None, item_conds=[{}, {}, {}], uncond={}, latent_shape=(1, 1, 1))
+    encoded = EncodedData(latents=None, item_conds=[{}, {}, {}], uncond={}, latent_shape=(1, 1, 1), repeats=[1, 1, 1])
     config = SimpleNamespace(seed=0, corruption_guidance=-1.0, truncation_steps=K, batch_size=B, trajectory_buffer=64)
     buf = TrajectoryStarts(encoded, schedule, grid, config, LocalWorld(), "cpu")
     buf.prepare(exact_denoiser)

@@ -3,6 +3,7 @@ checkpointing, mixed precision, optimizer fallback, config and data errors."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -438,3 +439,55 @@ def test_latent_dataset_trains_like_the_image_folder_it_came_from(tiny, images, 
         LatentDataset(latents, images.captions[:1])
     with pytest.raises(DataError, match="NaN"):
         LatentDataset(latents * float("nan"), images.captions)
+
+
+class _CastTimePatcher(__import__("comfy.model_patcher").model_patcher.ModelPatcher):
+    """The state newer ComfyUI's dynamic VRAM leaves: patches stay out of the stored weights (applied
+    at cast time), and `clone(disable_dynamic=True)` may or may not exist."""
+    rebuild = None  # newer core: a non-dynamic clone is a fresh model from the loader (cached_patcher_init)
+
+    def is_dynamic(self):
+        return True
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        pass  # never merged into the module
+
+    def clone(self, *args, disable_dynamic=False, **kwargs):
+        if disable_dynamic and self.rebuild is None:
+            raise TypeError("clone() got an unexpected keyword argument 'disable_dynamic'")
+        n = super().clone(*args, **kwargs)
+        if disable_dynamic:
+            plain = self.rebuild()
+            plain.add_patches({k: v[0][1] for k, v in n.patches.items()}, 1.0)
+            plain.non_dynamic_clone_of = self
+            return plain
+        n.__class__ = type(self)
+        return n
+
+
+@pytest.mark.parametrize("offers_clone", [False, True])
+def test_full_training_starts_from_the_models_loras_when_they_stay_out_of_the_weights(tiny, images, tmp_path,
+                                                                                     offers_clone):
+    import comfy.lora
+
+    from comfy_selfnpo.npo.weights import effective_weight
+
+    ckpt = tiny.build_checkpoint("sd15", seed=1)
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    shape = ckpt.model.model.state_dict()[key].shape
+    lora = {"x.lora_up.weight": torch.full((shape[0], 2), 0.3), "x.lora_down.weight": torch.full((2, shape[1]), 0.2)}
+    user = _CastTimePatcher(ckpt.model.model, ckpt.model.load_device, ckpt.model.offload_device)
+    if offers_clone:
+        user.rebuild = lambda: tiny.build_model("sd15", seed=1)
+    user.add_patches(comfy.lora.load_lora(lora, {"x": key}), 1.0)  # the user's LoRA on the MODEL
+    trainer = _trainer(SimpleNamespace(model=user, clip=ckpt.clip, vae=ckpt.vae), images, tmp_path,
+                       mode="full", teacher="ema", learning_rate=0.0)
+    assert getattr(trainer.base_patcher, "non_dynamic_clone_of", None) is (user if offers_clone else None)
+    expected = effective_weight(user, key)
+    assert (expected - ckpt.model.model.state_dict()[key]).abs().max() > 0.1  # the LoRA is not in the module
+    inner = key[len("diffusion_model."):]
+    for module in (trainer.trained.module, trainer.trained.teacher.module):
+        torch.testing.assert_close(module.state_dict()[inner], expected)
+    trainer.train(steps=1)  # learning rate 0: the export is the LoRA'd model itself, no change on top
+    assert all(float(d.abs().max()) < 1e-6 for d in trainer.trained.weight_deltas().values())
+    torch.testing.assert_close(trainer.export_state_dict("unet")[inner], expected)

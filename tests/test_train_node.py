@@ -4,6 +4,7 @@ workflow, resuming by name, and turning a cancel into a resumable checkpoint + C
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -25,11 +26,13 @@ class ProgressRecorder:
     def __init__(self, cancel_at: int | None = None):
         self.calls = []
         self.cancel_at = cancel_at
+        self.cancel_total = None  # cancel only on reports of this total (training steps, not the pre-roll)
         self.cancelled_at = None
 
     def __call__(self, value, total, preview, node_id=None, prompt_id=None):
         self.calls.append((value, total, preview, torch.is_inference_mode_enabled()))
-        if self.cancel_at is not None and value >= self.cancel_at and self.cancelled_at is None:
+        counts = self.cancel_total is None or total == self.cancel_total
+        if self.cancel_at is not None and counts and value >= self.cancel_at and self.cancelled_at is None:
             self.cancelled_at = value  # (ProgressBar throttles: the first report at or after cancel_at)
             comfy.model_management.interrupt_current_processing()  # the user presses cancel
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -161,7 +164,7 @@ def test_train_node_cancel_saves_a_resumable_checkpoint_then_interrupts(comfy_re
     from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
 
     ckpt = tiny.build_checkpoint("sd15", seed=0)
-    progress.cancel_at = 2
+    progress.cancel_at, progress.cancel_total = 2, 5  # at training step 2 of 5
     with torch.inference_mode():
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=5, save_every=0))
@@ -209,3 +212,21 @@ def test_train_node_out_of_memory_saves_and_says_how_to_fit(comfy_registry, comf
     s = summary(comfy_dirs)
     assert s["status"] == "out_of_memory" and s["step"] == 1
     assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()
+
+
+def test_train_node_cancel_during_the_trajectory_preroll_stops_within_seconds(comfy_registry, comfy_dirs, tiny,
+                                                                               progress):
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    progress.cancel_at = 1  # the first progress report comes from the pre-roll of the 3000 trajectories
+    overrides = TINY_OVERRIDES_TEXT.replace("trajectory_buffer = 2", "trajectory_buffer = 3000")
+    started = time.monotonic()
+    with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+        SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=5, overrides=overrides))
+    assert time.monotonic() - started < 30  # the whole pre-roll takes minutes
+    assert any(c[1] == 3000 for c in progress.calls)  # the pre-roll reported its own progress
+    s = summary(comfy_dirs)
+    assert s["status"] == "cancelled" and s["step"] == 0
+    assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()
+    assert not comfy.model_management.processing_interrupted()

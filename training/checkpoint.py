@@ -59,6 +59,13 @@ def write(folder, identity: RunIdentity, parts: dict) -> Path:
     return Path(folder)
 
 
+def damaged(folder, why: str) -> ResumeMismatch:
+    """The error for a checkpoint that cannot be used, saying how to start over."""
+    return ResumeMismatch(f"the checkpoint {str(state_file(folder))!r} is damaged or incomplete ({why}); "
+                          f"it cannot be resumed. To start over, delete {str(Path(folder))!r} (or choose "
+                          "another output folder/name); the exported weights stay usable")
+
+
 def read(folder) -> dict:
     file = state_file(folder)
     if not file.is_file():
@@ -66,9 +73,9 @@ def read(folder) -> dict:
     try:
         state = load_torch(file)
     except Exception as e:
-        raise ResumeMismatch(f"{str(file)!r} is not a readable TDFT checkpoint: {e}") from e
+        raise damaged(folder, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ResumeMismatch(f"{str(file)!r} is not a comfy-selfnpo TDFT checkpoint")
+        raise damaged(folder, "not a comfy-selfnpo TDFT checkpoint")
     if state.get("version") != VERSION:
         raise ResumeMismatch(f"{str(file)!r} was written by another version of comfy-selfnpo (checkpoint "
                              f"format {state.get('version')}, this version reads {VERSION}); start a new run "
@@ -76,8 +83,9 @@ def read(folder) -> dict:
     return state
 
 
-def check_resumable(saved: dict, now: RunIdentity) -> None:
-    """ResumeMismatch naming what differs between a checkpoint's identity and this run's."""
+def check_resumable(saved: dict, now: RunIdentity, allow_data_change: bool = False) -> None:
+    """ResumeMismatch naming what differs between a checkpoint's identity and this run's.
+    allow_data_change: accept data whose content changed (same kind and count), e.g. fixed captions."""
     if saved["base_model_hash"] != now.base_model_hash:
         raise ResumeMismatch(
             f"the checkpoint was trained from another base model (hash {saved['base_model_hash']}, "
@@ -95,3 +103,8 @@ def check_resumable(saved: dict, now: RunIdentity) -> None:
             f"{new['batch_size']} × {now.processes}); keep batch_size × processes equal to resume")
     if saved["data_kind"] != now.data_kind:
         raise ResumeMismatch(f"the checkpoint trained on {saved['data_kind']}, this run on {now.data_kind}")
+    if saved["data_fingerprint"] != now.data_fingerprint and not allow_data_change:
+        raise ResumeMismatch(
+            f"the training data changed since the checkpoint was saved (other {now.data_kind} or captions: "
+            f"fingerprint {saved['data_fingerprint']} vs now {now.data_fingerprint}); resume with the same data, "
+            "or accept the change explicitly (CLI: --allow-data-change), or start a new run")

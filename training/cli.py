@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--name", help="weights file name without extension (default self_npo)")
     out.add_argument("--resume", action="store_true", default=None,
                      help="continue the checkpoint in the output folder (same model and hyper-parameters)")
+    out.add_argument("--allow-data-change", action="store_true", default=None,
+                     help="with --resume: accept data whose content changed since the checkpoint (e.g. fixed "
+                          "captions); by default that is refused")
     out.add_argument("--preview-every", type=int, help="sample CFG vs NPO-CFG previews every N steps (0 = never)")
     out.add_argument("--preview-prompt", help="prompt of the previews (default: the first prompt/caption)")
     out.add_argument("--preview-steps", type=int, help="sampling steps of a preview (default 20)")
@@ -124,7 +127,10 @@ def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """Fill options not given on the command line from the --config TOML file."""
     if not args.config:
         return
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the backport, a dependency there
+        import tomli as tomllib
 
     from .config import field_types
     from .settings import check_overrides
@@ -143,21 +149,44 @@ def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             flat.update(value)
         else:
             flat[key] = value
-    dests = {a.dest for a in parser._actions} - {"help", "config"}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     hyper_parameters = field_types()
     for key, value in flat.items():
         dest = key.replace("-", "_")
-        if dest not in dests:
+        if dest not in actions:
             raise UsageError(f"--config {str(path)!r}: unknown option {key!r}")
-        if dest in hyper_parameters:
-            try:
+        try:
+            if dest in hyper_parameters:
                 value = check_overrides({dest: value})[dest]
-            except ValueError as e:
-                raise UsageError(f"--config {str(path)!r}: {e}") from None
-        if dest == "text_encoder" and isinstance(value, str):
-            value = [value]
+            else:
+                value = _toml_option(actions[dest], key, value)
+        except ValueError as e:
+            raise UsageError(f"--config {str(path)!r}: {e}") from None
         if getattr(args, dest) is None:
             setattr(args, dest, value)
+
+
+def _toml_option(action, key: str, value):
+    """A TOML value for a non-hyper-parameter option, with the type its flag takes: true/false for
+    switches (a string such as "no" would be truthy), a listed choice, a number, text."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):  # --text-encoder: one file or a list of files
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{key} must be a file name or a list of file names, got {value!r}")
+        return values
+    if action.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return action.type(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be text (a quoted string), got {value!r}")
+    if action.choices and value not in action.choices:
+        raise ValueError(f"{key}={value!r} is not one of {list(action.choices)}")
+    return value
 
 
 def _check_args(args) -> None:
@@ -195,6 +224,8 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.signum is not None:
             if self.escalate:
+                self.escalate = False  # once: the trainer then saves its checkpoint undisturbed
+                self.signum = signum
                 raise KeyboardInterrupt
             return
         self.signum = signum
@@ -211,8 +242,10 @@ class StopRequest:
         return self
 
     def restore(self):
+        """The previous handlers back; after a stop, the rest of a burst of signals is ignored instead
+        (the run is over and saved: the process should exit with its status, not be killed)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.signum is not None else handler)
         self._previous.clear()
 
 
@@ -363,6 +396,7 @@ def _session(args, config, paths, stop, world):
     preview = PreviewSettings(steps=args.preview_steps or (10 if args.demo else 20),
                               cfg=args.preview_cfg if args.preview_cfg is not None else 7.0, size=config.resolution)
     options = SessionOptions(resume=bool(args.resume), require_resume=bool(args.resume), refuse_existing=True,
+                             allow_data_change=bool(args.allow_data_change),
                              preview_every=args.preview_every or 0, preview_prompt=args.preview_prompt or "",
                              preview_seed=config.seed, preview_settings=preview, should_stop=stop,
                              extra_summary={"model": loaded.description, "command": sys.argv[1:],
@@ -373,14 +407,17 @@ def _session(args, config, paths, stop, world):
 
 def _train(args, config, paths, stop, world) -> int:
     session, loaded, preview = _session(args, config, paths, stop, world)
-    trainer = session.prepare()
-    bar = world.main_only(lambda: ProgressBar(config.steps, trainer.step, enabled=not args.no_progress))
-    session.options.on_step = bar
     try:
-        result = session.run()
+        trainer = session.prepare()
+        bar = world.main_only(lambda: ProgressBar(config.steps, trainer.step, enabled=not args.no_progress))
+        session.options.on_step = bar
+        try:
+            result = session.run()
+        finally:
+            if bar is not None:
+                bar.close()  # before the demo grid and the final lines
     finally:
-        if bar is not None:
-            bar.close()  # before the demo grid and the final lines
+        session.close()
     if args.demo:
         world.main_only(lambda: _finish_demo(loaded, trainer, paths, preview, result))
     world.main_only(lambda: _say(f"finished {result.steps} steps in {result.seconds:.1f} s; weights "
@@ -434,7 +471,7 @@ def _exit_code(e: BaseException, stop) -> int:
         return EXIT_SIGNAL.get(stop.signum, 130)
     if isinstance(e, KeyboardInterrupt):
         _say("interrupted; the trainer saved a resumable checkpoint if it had started (continue with --resume).")
-        return 130
+        return EXIT_SIGNAL.get(stop.signum, 130)
     if isinstance(e, (OutOfMemory, torch.OutOfMemoryError)):  # a bare torch error: while loading
         _say(str(e if isinstance(e, OutOfMemory) else out_of_memory(e, 0)))
         return EXIT_OOM

@@ -70,7 +70,7 @@ class TDFTConfig:
     seed: int = hp(0, "seed of every random draw (start levels, noise, LoRA initialisation)",
                    ge=0, lt=2 ** 63)
     resolution: int = hp(512, "image mode: training resolution in pixels (aspect-aware centre crop); "
-                         "data-free mode: the size of the generated latents", ge=8, multiple_of=8)
+                         "data-free mode: the size of the generated latents", ge=64, multiple_of=8)
     trajectory_buffer: int = hp(64, "data-free mode: number of buffered teacher trajectories", ge=1)
     save_every: int = hp(0, "every N steps: a resumable checkpoint and an exported step file "
                          "<name>-stepNNNNNN.safetensors (0 = only at the end or on stop)", ge=0)

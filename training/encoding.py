@@ -24,6 +24,7 @@ class EncodedData:
     item_conds: list[dict]         # per item: conditioning tensors (batch 1, CPU)
     uncond: dict                   # the teacher's unconditional input (batch 1, CPU)
     latent_shape: tuple            # (C, H, W) of one latent
+    repeats: list                  # per item: how often it appears in an epoch
 
     def conds(self, items, device) -> dict:
         """Batched conditioning of data items `items` (a sequence of indices), on `device`."""
@@ -96,7 +97,7 @@ def encode_data(data, base_model, clip, vae, resolution: int, uncond: str, cache
             uncond_cond = text.zeros_cond()
         else:
             uncond_cond = cache[""] if "" in cache else text.prompt_cond("")
-    return EncodedData(latents, item_conds, uncond_cond, latent_shape)
+    return EncodedData(latents, item_conds, uncond_cond, latent_shape, list(data.repeats))
 
 
 def _encode_images(data, base_model, vae, cache_dir: Path, log):
@@ -104,8 +105,13 @@ def _encode_images(data, base_model, vae, cache_dir: Path, log):
         raise DataError("training on images needs the VAE of the checkpoint to encode them")
     path = _latent_cache_path(data, base_model, vae, cache_dir)
     if path.is_file():
-        cached = load_torch(path)
-        if cached.shape[0] == len(data) and torch.isfinite(cached).all():
+        try:
+            cached = load_torch(path)
+            usable = torch.is_tensor(cached) and cached.shape[0] == len(data) and bool(torch.isfinite(cached).all())
+        except Exception as e:  # damaged (a crash while copying, a full disk): encode again
+            log(f"the latent cache {path} is unreadable ({type(e).__name__}); encoding the images again")
+            usable = False
+        if usable:
             log(f"using cached latents {path}")
             return cached
     latents = []

@@ -31,9 +31,11 @@ def _offset(trained, base_model) -> dict:
 
 
 def _unet(trained, base_model) -> dict:
+    from .trained import effective_state_dict
+
     deltas = trained.weight_deltas()
-    base = base_model.diffusion_model.state_dict()
-    return {k: base[k].detach().float().cpu() + deltas.get(k, 0) for k in base}
+    base = effective_state_dict(trained.base_patcher)  # the MODEL as trained from, its LoRAs included
+    return {k: base[k] + deltas.get(k, 0) for k in base}
 
 
 EXPORTERS = {"lora": _lora, "offset": _offset, "unet": _unet}

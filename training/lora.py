@@ -11,6 +11,7 @@ Exported with kohya names (`lora_unet_<diffusers name>.lora_down/.lora_up/.alpha
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TrainingError
+
+log = logging.getLogger("comfy_selfnpo.training")
 
 _ATTN = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _FF = re.compile(r"(^|\.)ff\.net\.(0\.proj|2)$")
@@ -52,12 +55,18 @@ def select_targets(diffusion_model: torch.nn.Module, targets: str) -> list[str]:
 
 class LoRALayer(torch.nn.Module):
     """down: [r, in(, kh, kw)], up: [out, r(, 1, 1)]; up starts at zero so training starts at the
-    base model (kohya's initialisation: down ~ kaiming-uniform(a=√5))."""
+    base model (kohya's initialisation: down ~ kaiming-uniform(a=√5)).
+
+    A rank above what the layer can use (min(out, in·kernel): beyond it the product is full rank
+    anyway) is capped there, with alpha scaled along so that the scale alpha/rank is unchanged."""
 
     def __init__(self, base: torch.nn.Module, rank: int, alpha: float, gen: torch.Generator):
         super().__init__()
         self.is_conv = isinstance(base, torch.nn.Conv2d)
         w = base.weight
+        full_rank = min(w.shape[0], w[0].numel())
+        if rank > full_rank:
+            rank, alpha = full_rank, alpha * full_rank / rank
         if self.is_conv:
             down_shape = (rank, w.shape[1]) + tuple(w.shape[2:])
             up_shape = (w.shape[0], rank, 1, 1)
@@ -98,6 +107,11 @@ class LoRAAdapters(torch.nn.Module):
         self.names = select_targets(diffusion_model, targets)
         gen = torch.Generator().manual_seed(seed)
         modules = dict(diffusion_model.named_modules())
+        capped = [n for n in self.names if rank > min(modules[n].weight.shape[0], modules[n].weight[0].numel())]
+        if capped:
+            log.warning("lora_rank=%d is larger than %d of the %d targeted layers can use (e.g. %s); those train "
+                        "at their full rank instead (same alpha/rank scale)", rank, len(capped), len(self.names),
+                        capped[0])
         self.layers = torch.nn.ModuleDict(
             {_key(n): LoRALayer(modules[n], rank, alpha, gen) for n in self.names})
         self.ema = None
@@ -162,7 +176,7 @@ class LoRAAdapters(torch.nn.Module):
             layer, k = self.layers[_key(n)], names[n]
             out[f"{k}.lora_down.weight"] = layer.down.detach().float().cpu().contiguous()
             out[f"{k}.lora_up.weight"] = layer.up.detach().float().cpu().contiguous()
-            out[f"{k}.alpha"] = torch.tensor(self.alpha)
+            out[f"{k}.alpha"] = torch.tensor(layer.alpha)
         return out
 
 

@@ -27,6 +27,8 @@ from . import run_files
 from .distributed import LocalWorld
 from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError, out_of_memory
 from .run_files import RunPaths
+from .run_lock import FolderInUse, RunLock
+from .signals import signals_deferred
 
 log = logging.getLogger("comfy_selfnpo.training")
 
@@ -63,11 +65,13 @@ def check_writable(folder: Path) -> None:
                           "Choose a folder you can write to (or fix its permissions).") from e
 
 
-def describe_os_error(e: OSError, what: str) -> str:
+def describe_os_error(e: OSError, what: str, kept: str = "the previous checkpoint and weights were left "
+                      "as they were") -> str:
+    """A write failure for the user: what could not be written, why, and what is kept."""
+    target = e.filename or what
     if e.errno == errno.ENOSPC:
-        return (f"the disk is full while writing {what}; the previous checkpoint and weights were left "
-                "as they were. Free some space and resume.")
-    return f"could not write {what}: {e}. The previous checkpoint and weights were left as they were."
+        return f"the disk is full while writing {target}; {kept}. Free some space and resume."
+    return f"could not write {target}: {e.strerror or e}; {kept}."
 
 
 @dataclass
@@ -91,6 +95,8 @@ class SessionOptions:
     on_step: Callable[[Progress], None] | None = None
     on_preview: Callable[[object, int], None] | None = None  # (PIL side-by-side image, step)
     should_stop: Callable[[], bool] | None = None
+    on_prepare: Callable[[int, int], None] | None = None  # (done, total) of the one-time data preparation
+    allow_data_change: bool = False  # resume although the data's content differs from the checkpoint's
     extra_summary: dict = field(default_factory=dict)
 
 
@@ -117,33 +123,58 @@ class TrainingSession:
         self.rows: list[dict] = []
         self.started = time.perf_counter()
         self.resumed_from = None
+        self.lock = RunLock(paths.run_dir)
 
     # ------------------------------------------------------------ setup
 
     def prepare(self):
+        """Lock the run folder, check the outputs, build the trainer, resume. On failure nothing stays
+        locked; after success, `run()` (or `close()`) releases the folder."""
+        try:
+            return self._prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self):
         from .trainer import TDFTTrainer
 
         opts, paths = self.options, self.paths
-        exists = self.world.from_main(self._check_output)  # the main process's files decide for all
+        exists = self.world.from_main(self._claim_output)  # the main process's files decide for all
         if opts.require_resume and not exists:
             raise TrainingError(f"--resume: there is no checkpoint to resume from at {str(paths.checkpoint)!r}")
         if exists and not opts.resume and opts.refuse_existing:
             raise OutputError(f"{str(paths.run_dir)!r} already holds a training checkpoint; pass --resume to "
-                              "continue it, or choose another output folder/name (nothing was overwritten)")
+                              "continue it, choose another output folder/name, or delete "
+                              f"{str(paths.checkpoint)!r} to start over (nothing was overwritten)")
         self.trainer = TDFTTrainer(self.model, self.clip, self.vae, self.data, self.config, paths.run_dir,
                                    device=self.device, log=log.info, world=self.world)
         if exists and opts.resume:
-            self.trainer.load_checkpoint(paths.checkpoint)  # ResumeMismatch says what differs
+            # ResumeMismatch says what differs (or how to start over from a damaged checkpoint)
+            self.trainer.load_checkpoint(paths.checkpoint, allow_data_change=opts.allow_data_change)
             self.resumed_from = self.trainer.step
             self.rows = run_files.read_loss_csv(paths.loss_csv, up_to_step=self.trainer.step)
             log.info("resuming %s at step %d of %d", paths.run_dir, self.trainer.step, self.config.steps)
         return self.trainer
 
-    def _check_output(self) -> bool:
-        """Whether the run folder holds a checkpoint, after checking the outputs can be written."""
+    def _claim_output(self) -> bool:
+        """Lock the run folder and check the outputs can be written; returns whether it holds a checkpoint."""
+        if self.data.overlaps(self.paths.run_dir):
+            raise OutputError(f"the output folder {str(self.paths.run_dir)!r} is inside the training data "
+                              "folder: its previews and loss plot would become training images in the next "
+                              "run. Choose an output folder outside the data folder.")
         check_writable(self.paths.run_dir)
         check_writable(self.paths.weights.parent)
+        try:
+            self.lock.acquire()
+        except FolderInUse as e:
+            raise OutputError(f"{e}; wait for it to finish or choose another output folder/name "
+                              "(nothing was changed)") from None
         return self.paths.has_checkpoint()
+
+    def close(self) -> None:
+        """Release the run folder for the next run."""
+        self.lock.release()
 
     # ------------------------------------------------------------ run
 
@@ -224,7 +255,8 @@ class TrainingSession:
             self._write_logs()
             run_files.save_summary(self.paths.summary, self._summary(status, message))
         try:
-            self.world.main_only(write)
+            with signals_deferred():  # the summary must agree with the checkpoint it describes
+                self.world.main_only(write)
         except OSError as e:
             log.warning("could not write the run logs: %s", e)
 
@@ -247,19 +279,29 @@ class TrainingSession:
             self._finish_failed("non_finite_loss", str(e))
             raise
         except OSError as e:
-            message = describe_os_error(e, "the checkpoint or the weights")
+            message = describe_os_error(e, "the checkpoint or the weights", self._kept())
             self._finish_failed("write_failed", message)
             raise OutputError(message) from e
         except KeyboardInterrupt:
             self._finish_failed("cancelled", "interrupted")
             raise
+        finally:
+            self.close()
         return self._finish(result)
+
+    def _kept(self) -> str:
+        saved = getattr(self.trainer, "saved_step", None)
+        if saved is None:
+            return "no checkpoint of this run had been saved yet"
+        return (f"the resumable checkpoint of step {saved} in {str(self.paths.checkpoint)!r} is intact "
+                "and the run can resume from it")
 
     def _train(self):
         trainer = self.trainer
-        result = trainer.train(on_step=self._on_step, should_stop=self.options.should_stop, on_save=self._on_save)
-        if not self.config.save_every or trainer.step % self.config.save_every:
-            trainer.save_checkpoint()  # first: a finished run stays resumable with more steps
+        result = trainer.train(on_step=self._on_step, should_stop=self.options.should_stop, on_save=self._on_save,
+                               on_prepare=self.options.on_prepare)
+        if trainer.saved_step != trainer.step:
+            trainer.save_checkpoint()  # first: a finished run stays resumable, even if the export fails
         self.world.main_only(lambda: trainer.export(self.paths.weights))
         return result
 

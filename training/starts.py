@@ -25,7 +25,7 @@ class LatentStarts:
         self.encoded, self.schedule, self.grid = encoded, schedule, grid
         self.steps, self.device = config.truncation_steps, device
         self.global_batch = config.batch_size * world.size
-        self.sampler = EpochSampler(encoded.latents.shape[0], config.seed)
+        self.sampler = EpochSampler(encoded.repeats, config.seed)
 
     def prepare(self, teacher, should_stop=None, progress=None) -> None:
         pass

@@ -91,9 +91,22 @@ def make_autograd_safe(module: torch.nn.Module) -> None:
                 sub._buffers[name] = b.clone()
 
 
-def rebuild_float32(base_model):
-    """An independent float32 copy (on the CPU) of a ComfyUI BaseModel (copy.deepcopy fails on them):
-    a new model built from a copy of its config, loaded with the (patched) state dict."""
+def effective_state_dict(patcher) -> dict[str, torch.Tensor]:
+    """The diffusion model's weights as the MODEL means them (float32, CPU): stored weights with the
+    MODEL's patches (the user's LoRAs) applied on the side — whether ComfyUI merged them into the
+    module, applies them at cast time (low-VRAM, dynamic VRAM) or has not loaded the model yet."""
+    from ..npo.weights import effective_weight
+
+    base = patcher.model
+    cpu = torch.device("cpu")
+    return {k: effective_weight(patcher, f"diffusion_model.{k}", device=cpu)
+            for k in base.diffusion_model.state_dict()}
+
+
+def rebuild_float32(patcher):
+    """An independent float32 copy (on the CPU) of a ComfyUI MODEL (copy.deepcopy fails on them):
+    a new BaseModel built from a copy of its config, loaded with its effective weights."""
+    base_model = patcher.model
     original = base_model.model_config
     config = object.__new__(type(original))  # copy.copy trips over the config's __getattr__
     config.__dict__.update(original.__dict__)
@@ -106,8 +119,7 @@ def rebuild_float32(base_model):
         copy_model = config.get_model(sd, "model.diffusion_model.", device="cpu")
     copy_model.concat_keys = getattr(base_model, "concat_keys", ())
     copy_model.model_sampling = base_model.model_sampling
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in base_model.diffusion_model.state_dict().items()}
-    missing, unexpected = copy_model.diffusion_model.load_state_dict(state, strict=False)
+    missing, unexpected = copy_model.diffusion_model.load_state_dict(effective_state_dict(patcher), strict=False)
     if missing or unexpected:
         raise UnsupportedModel(f"could not copy the model for training (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
@@ -119,15 +131,15 @@ class FullWeights:
     """Full fine-tuning (the paper): a float32 student copy of the whole diffusion model."""
     may_skip_parameters = True  # architectures have layers some inputs never reach
 
-    def __init__(self, base_model, config):
-        self.base_model = base_model
-        self.student_model = rebuild_float32(base_model)
+    def __init__(self, base_patcher, config):
+        self.base_patcher, self.base_model = base_patcher, base_patcher.model
+        self.student_model = rebuild_float32(base_patcher)
         self.student_model.diffusion_model.requires_grad_(True).train()
         if config.teacher == "ema":
-            self.teacher_model = rebuild_float32(base_model)
+            self.teacher_model = rebuild_float32(base_patcher)
             self.teacher = EMATeacher(self.teacher_model.diffusion_model, config.ema_decay)
         else:
-            self.teacher_model, self.teacher = base_model, FrozenTeacher()
+            self.teacher_model, self.teacher = self.base_model, FrozenTeacher()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -168,10 +180,9 @@ class FullWeights:
 
     @torch.no_grad()
     def weight_deltas(self) -> dict[str, torch.Tensor]:
-        """diffusion-model state-dict key -> trained minus base (float32, CPU), every tensor."""
-        base = self.base_model.diffusion_model.state_dict()
-        return {k: v.detach().float().cpu() - base[k].detach().float().cpu()
-                for k, v in self.module.state_dict().items()}
+        """diffusion-model state-dict key -> trained minus the MODEL's effective weights (float32, CPU)."""
+        base = effective_state_dict(self.base_patcher)
+        return {k: v.detach().float().cpu() - base[k] for k, v in self.module.state_dict().items()}
 
     def lora_tensors(self) -> dict:
         raise TrainingError("a full-mode run cannot be saved as a LoRA; use format 'offset' (exact) or 'unet'")
@@ -184,8 +195,9 @@ class LoRAWeights:
     """A LoRA adapter on the loaded model (extension): only the adapter's matrices train."""
     may_skip_parameters = False  # every targeted layer runs in every forward pass
 
-    def __init__(self, base_model, config):
-        self.base_model = base_model
+    def __init__(self, base_patcher, config):
+        self.base_patcher = base_patcher
+        self.base_model = base_model = base_patcher.model
         make_autograd_safe(base_model.diffusion_model)  # its weights join the autograd graph
         with_ema = config.teacher == "ema"
         self.adapters = LoRAAdapters(base_model.diffusion_model, config.lora_targets, config.lora_rank,
@@ -248,6 +260,6 @@ class LoRAWeights:
 TRAINED = {"full": FullWeights, "lora": LoRAWeights}
 
 
-def make_trained(base_model, config):
-    """The trained weights for `config.mode`."""
-    return TRAINED[config.mode](base_model, config)
+def make_trained(base_patcher, config):
+    """The trained weights for `config.mode`, on the MODEL `base_patcher`."""
+    return TRAINED[config.mode](base_patcher, config)

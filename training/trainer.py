@@ -27,6 +27,7 @@ from .errors import DataError, NonFiniteLoss, OutOfMemory, TrainingCancelled, Un
 from .grad_checkpointing import gradient_checkpointing
 from .identity import model_identity
 from .optimization import Optimization
+from .signals import signals_deferred
 from .starts import make_starts
 from .trained import make_trained
 
@@ -82,6 +83,22 @@ class _StudentModule(torch.nn.Module):
         return self._trained.student_forward(x, sigma, cond)
 
 
+def training_patcher(model, log):
+    """The MODEL to train from. Under dynamic VRAM (newer ComfyUI's default) weights are streamed on
+    demand and LoRA patches applied at cast time; where core offers a non-dynamic clone
+    (`clone(disable_dynamic=True)`), training uses it, so weights stay put while the trainer hooks
+    and copies them (the full copy reads patched weights on the side either way)."""
+    if not model.is_dynamic():
+        return model
+    try:
+        clone = model.clone(disable_dynamic=True)
+    except TypeError:  # a core without the option: train the dynamic model itself
+        log("the MODEL uses dynamic VRAM and this ComfyUI offers no non-dynamic clone; training it as it is")
+        return model
+    log("the MODEL uses dynamic VRAM: training a non-dynamic clone of it")
+    return clone
+
+
 def _check_inputs(data, clip) -> None:
     if type(data) not in LATENTS:
         raise DataError(f"data must be one of {', '.join(k.__name__ for k in LATENTS)}, got {type(data).__name__}")
@@ -100,6 +117,7 @@ class TDFTTrainer:
         self.config, self.data, self.clip, self.vae = config, data, clip, vae
         self.work_dir, self.log = Path(work_dir), log or _log.info
         self.world = world or LocalWorld()
+        model = training_patcher(model, self.log)
         self.base_patcher, self.base_model = model, model.model
         if not hasattr(self.base_model, "diffusion_model"):
             raise UnsupportedModel("the MODEL has no diffusion_model; TDFT trains diffusion UNets/DiTs")
@@ -109,10 +127,11 @@ class TDFTTrainer:
         self.grid = tdft.ddim_grid(self.schedule.T, config.grid_size)
         self.device = torch.device(device) if device is not None else mm.get_torch_device()
         self.step, self.losses = 0, []
+        self.saved_step = None  # the step of the newest checkpoint written or resumed (every process knows it)
         with torch.inference_mode(False):
             self.base_hash = model_identity(model)
             self._load_base()
-            self.trained = make_trained(self.base_model, config)
+            self.trained = make_trained(self.base_patcher, config)
             self.encoded = encode_data(data, self.base_model, clip, vae, config.resolution, config.uncond,
                                        self.work_dir / "cache", self.log)
             mm.soft_empty_cache()
@@ -159,13 +178,20 @@ class TDFTTrainer:
                                    self.encoded.unconds(len(rng), self.device), rng,
                                    w=c.corruption_guidance, loss=c.loss, huber_c=c.huber_c)
             if self.world.any(not bool(torch.isfinite(trace.loss))):
-                raise NonFiniteLoss(
-                    f"the TDFT loss became {trace.loss.item()} at step {self.step + 1}; nothing was saved "
-                    f"over the last good checkpoint ({self.work_dir / 'checkpoint'}). Lower the learning "
-                    "rate (or use mixed_precision='no'/'bf16') and resume from that checkpoint.")
+                raise NonFiniteLoss(self._non_finite_message(trace.loss.item()))
             self.optim.backward(trace.loss)
         self.starts.after_rollout(trace, self.step, micro)
         return float(trace.loss.detach())
+
+    def _non_finite_message(self, loss: float) -> str:
+        if self.saved_step is not None:
+            kept = (f"nothing was saved over the last good checkpoint ({self.work_dir / 'checkpoint'}, step "
+                    f"{self.saved_step}); lower the learning rate (or use mixed_precision='no'/'bf16') and "
+                    "resume from it")
+        else:
+            kept = ("no checkpoint had been saved yet; lower the learning rate (or use mixed_precision='no'/"
+                    "'bf16') and start again")
+        return f"the TDFT loss became {loss} at step {self.step + 1}; {kept}."
 
     def _accumulate(self, teacher) -> list[float]:
         with self.trained.active(), gradient_checkpointing(self.trained.student_diffusion_model,
@@ -199,12 +225,13 @@ class TDFTTrainer:
             except torch.OutOfMemoryError as e:
                 self._rewind(before)
                 raise out_of_memory(e, self.step) from e
-            lr = self.optim.step()
-            self.trained.update_teacher()
-            self._sync()
-            self.step += 1
-            loss = self.world.mean(sum(losses) / len(losses))
-            self.losses.append(loss)
+            with signals_deferred():  # the step is applied whole or not at all
+                lr = self.optim.step()
+                self.trained.update_teacher()
+                self._sync()
+                self.step += 1
+                loss = self.world.mean(sum(losses) / len(losses))
+                self.losses.append(loss)
             total = time.perf_counter() - started
             return StepResult(step=self.step, loss=loss, lr=lr, teacher_s=teacher.seconds,
                               student_s=total - teacher.seconds)
@@ -270,21 +297,28 @@ class TDFTTrainer:
         """Atomic resumable checkpoint (a folder holding state.pt), written by the main process only
         (every process holds the same state). Returns the folder (None on the other processes)."""
         folder = Path(path) if path is not None else self.work_dir / "checkpoint"
-        with torch.inference_mode(False):
-            return self.world.main_only(lambda: checkpoint.write(folder, self.identity(), {
+        with torch.inference_mode(False), signals_deferred():
+            written = self.world.main_only(lambda: checkpoint.write(folder, self.identity(), {
                 "step": self.step, "losses": list(self.losses), "trained": self.trained.state_dict(),
                 "optimization": self.optim.state_dict(), "starts": self.starts.state_dict()}))
+        if path is None:
+            self.saved_step = self.step
+        return written
 
-    def load_checkpoint(self, path) -> None:
+    def load_checkpoint(self, path, allow_data_change: bool = False) -> None:
         """Restore everything saved by save_checkpoint (read by the main process, sent to the others);
-        ResumeMismatch names what differs."""
+        ResumeMismatch names what differs, or says how to start over from a damaged checkpoint."""
         with torch.inference_mode(False):
             state = self.world.from_main(lambda: checkpoint.read(path))
-            checkpoint.check_resumable(state["identity"], self.identity())
-            self.trained.load_state_dict(state["trained"])
-            self.optim.load_state_dict(state["optimization"])
-            self.starts.load_state_dict(state["starts"])
-            self.step, self.losses = int(state["step"]), list(state["losses"])
+            try:
+                checkpoint.check_resumable(state["identity"], self.identity(), allow_data_change)
+                self.trained.load_state_dict(state["trained"])
+                self.optim.load_state_dict(state["optimization"])
+                self.starts.load_state_dict(state["starts"])
+                self.step, self.losses = int(state["step"]), list(state["losses"])
+                self.saved_step = self.step
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:  # missing or malformed parts
+                raise checkpoint.damaged(path, f"{type(e).__name__}: {e}") from e
 
     # ------------------------------------------------------------------ outputs
 

@@ -1,7 +1,11 @@
 """The example workflows, defined once and written in both forms:
 
-    workflows/<name>.json          UI format: drag onto the ComfyUI canvas
-    workflows/api/<name>.json      API format: POST to /prompt, or `execution.validate_prompt`
+    example_workflows/<title>.json  UI format: what ComfyUI's template browser lists for the pack
+                                    (under the title), and what users drag onto the canvas
+    workflows/api/<name>.json       API format: POST to /prompt, or `execution.validate_prompt`
+
+Each template has a thumbnail beside it, example_workflows/<title>.jpg (the template browser's
+naming), taken in the real frontend by `scripts/frontend_check/check.py --update`.
 
 Regenerate after changing a graph or a node's inputs (the test suite fails when the committed
 files differ from what this produces):
@@ -16,16 +20,38 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+UI_DIR = HERE.parent / "example_workflows"
+API_DIR = HERE / "api"
 sys.path.insert(0, str(HERE))
-from graph import Graph  # noqa: E402
+from graph import Graph, ModelFile  # noqa: E402
 
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 SD15_SELFNPO = "self_npo/sd15_selfnpo_lora.safetensors"
 SDXL_SELFNPO = "self_npo/sdxl_selfnpo_lora.safetensors"
-# The authors' Diffusion-NPO release (PEFT/diffusers LoRA), downloaded into models/loras.
-DIFFUSION_NPO_LORA = "loras/sd15_diffusion_npo_lora.safetensors"
+# The authors' Diffusion-NPO release for SD1.5 (a PEFT/diffusers LoRA), downloaded into models/loras.
+DIFFUSION_NPO_LORA = "loras/sd15_beta500_2kiter.safetensors"
 STYLE_LORA = "my_style_lora.safetensors"
+
+# Where the missing-models dialog downloads them from. The Diffusion-NPO file: the authors' release
+# folder on Hugging Face (README of github.com/G-U-N/Diffusion-NPO, "Model Zoo"), at the path their
+# gen.sh loads it from (weights/sd15/sd15_beta500_2kiter.safetensors).
+SD15_MODEL = ModelFile(SD15_CHECKPOINT, "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+                       "v1-5-pruned-emaonly.safetensors", "checkpoints")
+SDXL_MODEL = ModelFile(SDXL_CHECKPOINT, "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                       "sd_xl_base_1.0.safetensors", "checkpoints")
+DIFFUSION_NPO_MODEL = ModelFile(DIFFUSION_NPO_LORA.split("/", 1)[1], "https://huggingface.co/wangfuyun/Diffusion-NPO/"
+                                "resolve/main/weights/sd15/sd15_beta500_2kiter.safetensors", "loras")
+DIFFUSION_NPO_RELEASE = "https://huggingface.co/wangfuyun/Diffusion-NPO/tree/main/weights"
+
+# Template titles: the template browser's cards show about 30 characters.
+TRAIN_TITLE = "Train a Self-NPO LoRA (SD1.5)"
+TRAIN_FIRST = (
+    "**Train first.** This workflow needs Self-NPO weights for your checkpoint in `models/self_npo`: "
+    f"run the template *{TRAIN_TITLE}* once (or `comfy-selfnpo-train`), then pick "
+    "its file in **Self-NPO Negative Model**. The authors' Diffusion-NPO LoRAs "
+    f"([download]({DIFFUSION_NPO_RELEASE}), into `models/loras`) work there too."
+)
 
 PROMPT = "a photo of a corgi wearing a red scarf, sitting on a wooden bench in a park, soft morning light"
 
@@ -52,10 +78,10 @@ def _ksample_and_save(g: Graph, title: str, model, conds, vae, at: tuple[int, in
 
 
 def sd15_apply_selfnpo_ksampler() -> Graph:
-    g = Graph("sd15_selfnpo_ksampler",
+    g = Graph("sd15_selfnpo_ksampler", "Self-NPO with KSampler (SD1.5)",
               "SD1.5 text-to-image: Self-NPO through plain KSampler ('Apply Self-NPO'), beside plain CFG "
               "with the same seed.")
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT, models=[SD15_MODEL])
     neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model", model=ckpt[0],
                       npo_weights=SD15_SELFNPO, strength=1.0, merge_weight=0.0)
     npo_model = g.add("SelfNPOApply", "Apply Self-NPO", model=ckpt[0], negative_model=neg_model[0],
@@ -63,7 +89,7 @@ def sd15_apply_selfnpo_ksampler() -> Graph:
     conds = _prompts_and_latent(g, ckpt[1], "Negative prompt (empty, as in the paper)")
     _ksample_and_save(g, "KSampler (Self-NPO)", npo_model[0], conds, ckpt[2], (3, 0), "selfnpo/sd15_npo")
     _ksample_and_save(g, "KSampler (plain CFG)", ckpt[0], conds, ckpt[2], (3, 2), "selfnpo/sd15_plain_cfg")
-    g.note("## Self-NPO with KSampler\n"
+    g.note("## Self-NPO with KSampler", TRAIN_FIRST,
            "* **Self-NPO Negative Model**: base model + your Self-NPO weights (from `models/self_npo`, "
            "`models/loras` or `models/diffusion_models`). *strength* η scales the NPO offset (1 = as trained).\n"
            "* **Apply Self-NPO** makes any sampler node run CFG's negative branch on the negative model. "
@@ -77,9 +103,9 @@ def sd15_apply_selfnpo_ksampler() -> Graph:
 
 
 def sdxl_selfnpo_guider() -> Graph:
-    g = Graph("sdxl_selfnpo_guider",
+    g = Graph("sdxl_selfnpo_guider", "Self-NPO CFG Guider (SDXL)",
               "SDXL text-to-image with the 'Self-NPO CFG Guider' and SamplerCustomAdvanced.")
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SDXL_CHECKPOINT)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SDXL_CHECKPOINT, models=[SDXL_MODEL])
     neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model", model=ckpt[0],
                       npo_weights=SDXL_SELFNPO, strength=1.0, merge_weight=0.0)
     pos = g.add("CLIPTextEncode", "Prompt", at=(1, 1), clip=ckpt[1], text=PROMPT)
@@ -95,19 +121,19 @@ def sdxl_selfnpo_guider() -> Graph:
                 sigmas=sigmas[0], latent_image=latent[0])
     g.add("SaveImage", at=(5, 0), images=g.add("VAEDecode", at=(4, 0), samples=out[0], vae=ckpt[2])[0],
           filename_prefix="selfnpo/sdxl_npo")
-    g.note("## Self-NPO CFG Guider (SDXL)\n"
+    g.note("## Self-NPO CFG Guider (SDXL)", TRAIN_FIRST,
            "The guider computes `uncond(negative model) + cfg · (cond(model) − uncond(negative model))`. "
            "Pooled/ADM conditioning, ControlNet, area and mask conditioning reach the negative model "
-           "exactly as they reach the positive one. At cfg = 1 the negative branch is skipped.\n"
+           "exactly as they reach the positive one. At cfg = 1 the negative branch is skipped.",
            "Self-NPO SDXL weights were trained with corruption guidance w = −5 (the published recipe).",
            at=(0, 2))
     return g
 
 
 def train_then_sample() -> Graph:
-    g = Graph("train_selfnpo_lora_then_sample",
+    g = Graph("train_selfnpo_lora_then_sample", TRAIN_TITLE,
               "Train a Self-NPO LoRA (TDFT) from the loaded checkpoint, then sample with it in the same graph.")
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT, models=[SD15_MODEL])
     train = g.add("SelfNPOTrainTDFT", "Self-NPO Train (TDFT)", model=ckpt[0], clip=ckpt[1], vae=ckpt[2],
                   **TRAIN_NODE_INPUTS)
     npo_model = g.add("SelfNPOApply", "Apply Self-NPO", at=(2, 0), model=ckpt[0], negative_model=train[0],
@@ -115,15 +141,17 @@ def train_then_sample() -> Graph:
     conds = _prompts_and_latent(g, ckpt[1])
     _ksample_and_save(g, "KSampler (Self-NPO)", npo_model[0], conds, ckpt[2], (3, 0), "selfnpo/trained_npo")
     g.add("SaveImage", "Loss curve", at=(2, 2), images=train[2], filename_prefix="selfnpo/loss_curve")
-    g.note(TRAIN_NOTE, at=(0, 2))
+    g.note(*TRAIN_NOTE, at=(0, 2))
     return g
 
 
 def diffusion_npo_release_with_beta() -> Graph:
-    g = Graph("diffusion_npo_release_with_beta",
+    g = Graph("diffusion_npo_release_with_beta", "Diffusion-NPO release (SD1.5)",
               "A downloaded Diffusion-NPO LoRA (the authors' PEFT release format) as the negative model, "
               "with the merge weight β exposed.")
-    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT)
+    # the loader's widget says "loras/<file>": the download is listed for the whole workflow instead
+    g.models.append(DIFFUSION_NPO_MODEL)
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15_CHECKPOINT, models=[SD15_MODEL])
     styled = g.add("LoraLoaderModelOnly", "Your usual LoRA (positive model)", model=ckpt[0],
                    lora_name=STYLE_LORA, strength_model=0.8)
     neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model (β)", at=(2, 0), model=styled[0],
@@ -133,8 +161,10 @@ def diffusion_npo_release_with_beta() -> Graph:
     conds = _prompts_and_latent(g, ckpt[1])
     _ksample_and_save(g, "KSampler (Diffusion-NPO)", npo_model[0], conds, ckpt[2], (4, 0),
                       "selfnpo/diffusion_npo_beta")
-    g.note("## A Diffusion-NPO release as the negative model\n"
-           "Put the authors' LoRA (PEFT/diffusers keys, `unet.…lora_A/lora_B`) in `models/loras`.\n"
+    g.note("## A Diffusion-NPO release as the negative model",
+           "The authors' SD1.5 LoRA (PEFT/diffusers keys, `unet.…lora_A/lora_B`) goes in `models/loras`: "
+           "ComfyUI offers the download when it is missing "
+           f"([all releases]({DIFFUSION_NPO_RELEASE})). Pick your own LoRA in the first loader.",
            "* **strength** η scales the NPO offset.\n"
            "* **merge_weight** β: θ_neg = θ_pos + η·δ_npo − β·(θ_pos − θ_base). With β = 0 the negative "
            "model keeps everything the positive model has (here: your LoRA); β = 1 removes it again, so "
@@ -159,10 +189,10 @@ TRAIN_NODE_INPUTS: dict = dict(
     output_name="sd15_selfnpo_lora", save_every=100, preview_every=100, overrides="",
 )
 TRAIN_NOTE = (
-    "## Train a Self-NPO LoRA, then sample with it\n"
+    "## Train a Self-NPO LoRA, then sample with it",
     "**Self-NPO Train (TDFT)** fine-tunes a copy of the loaded model on its own corrupted generations "
     "(corruption guidance w = −1 for SD1.5, −5 for SDXL; K = 5 truncated teacher steps per sample). "
-    "Its *negative_model* output feeds **Apply Self-NPO** directly.\n"
+    "Its *negative_model* output feeds **Apply Self-NPO** directly.",
     "* *data_folder*: images with same-name `.txt` captions; empty = data-free mode from *prompts*.\n"
     "* *preset*: `sd15` / `sdxl` are the authors' full fine-tuning recipes; `lora-8gb` … `lora-24gb` "
     "train a LoRA sized for that GPU. *steps*, *learning_rate* (0 = preset), *lora_rank*, *teacher* "
@@ -176,25 +206,26 @@ TRAIN_NOTE = (
 GRAPHS = [sd15_apply_selfnpo_ksampler, sdxl_selfnpo_guider, train_then_sample, diffusion_npo_release_with_beta]
 
 
-def build_all(registry: dict, display_names: dict) -> dict[str, tuple[dict, dict]]:
-    """name -> (ui, api) for every example workflow (`registry`/`display_names`: ComfyUI's
+def graphs() -> list[Graph]:
+    return [make() for make in GRAPHS]
+
+
+def build_all(registry: dict, display_names: dict) -> dict[str, tuple[Graph, dict, dict]]:
+    """name -> (graph, ui, api) for every example workflow (`registry`/`display_names`: ComfyUI's
     NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS)."""
-    out = {}
-    for make in GRAPHS:
-        graph = make()
-        out[graph.name] = (graph.to_ui(registry), graph.to_api(display_names))
-    return out
+    return {g.name: (g, g.to_ui(registry, display_names), g.to_api(display_names)) for g in graphs()}
 
 
 def dump(data: dict) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-def write_all(registry: dict, display_names: dict, folder: Path = HERE) -> list[Path]:
+def write_all(registry: dict, display_names: dict) -> list[Path]:
     written = []
-    (folder / "api").mkdir(parents=True, exist_ok=True)
-    for name, (ui, api) in build_all(registry, display_names).items():
-        for path, data in ((folder / f"{name}.json", ui), (folder / "api" / f"{name}.json", api)):
+    UI_DIR.mkdir(parents=True, exist_ok=True)
+    API_DIR.mkdir(parents=True, exist_ok=True)
+    for graph, ui, api in build_all(registry, display_names).values():
+        for path, data in ((UI_DIR / f"{graph.title}.json", ui), (API_DIR / f"{graph.name}.json", api)):
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(dump(data))
             os.replace(tmp, path)
