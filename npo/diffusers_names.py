@@ -238,8 +238,10 @@ def diffusers_names(base_model) -> dict[str, Target]:
         for name, target in family.comfy_map(config, output_prefix=PREFIX).items():
             out[name] = Target.of(target)
     for stem, shape in shapes.items():
+        parts = {}
         for split in family.splits:
-            out.update(_split_names(stem, shape, split, config))
-        if family.renames or family.comfy_map is None:
+            parts.update(_split_names(stem, shape, split, config))
+        out.update(parts)
+        if not parts and (family.renames or family.comfy_map is None):
             out.setdefault(_renamed(stem, family.renames), Target(PREFIX + stem))
     return out
