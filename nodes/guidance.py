@@ -7,7 +7,8 @@ from ..npo.guidance import MODES, RESIDENCIES, SelfNPOGuider, apply_self_npo
 
 _RESIDENCY_TOOLTIP = ("How the negative model's weights are held. separate: its own copy (+1 model of memory). "
                       "batched_lowrank: one copy of the weights, the NPO change applied to the negative model's "
-                      "rows of the batch (as fast as plain CFG). auto: batched for LoRA-type changes, else separate.")
+                      "rows of the batch (as fast as plain CFG). auto: batched for LoRA-type changes (diffusers LoRAs on fused "
+                      "qkv layers included), else separate.")
 _RANK_TOOLTIP = ("batched_lowrank only: full-rank offsets are reduced by SVD to this rank (the relative error is "
                  "logged). 0 keeps them exact.")
 _MODE_TOOLTIP = (

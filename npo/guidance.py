@@ -17,7 +17,9 @@ with it, and ComfyUI keeps one patch set live, so sending a branch to "the other
 runs the positive weights. Two residencies avoid it (`residency.py`): `separate` (the negative gets
 its own weights) and `batched_lowrank` (one copy of the weights, the NPO change added to the rows
 the negative model computes). A guard runs once per sampling run and raises instead of silently
-running plain CFG; a run in which the negative model was never evaluated logs one warning.
+running plain CFG. A run in which the negative model was never evaluated logs one warning, and so
+does a run on a guidance-distilled model (Flux-dev, HunyuanVideo), which has no real unconditional
+branch for Self-NPO to act through.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from .errors import SelfNPOError
-from .lowrank import LayerDelta, LowRankReport, differing_keys, exact_lora_tail, lowrank_deltas  # noqa: F401
+from .lowrank import LayerDelta, LowRankReport, differing_keys, exact_lora_change, lowrank_deltas  # noqa: F401
 from .modes import MODES, PLAIN_CFG, Interval, make_mode, sigma_inside
 from .residency import KEY, BatchedLowRankResidency, SeparateResidency
 from .separate import guard_keys, materialize_independent_copy, separate_negative_for  # noqa: F401
@@ -41,25 +43,64 @@ RESIDENCIES = ("auto", "separate", "batched_lowrank")
 PLAN_ATTACHMENT = "self_npo_plan"
 _CALLBACKS = comfy.patcher_extension.CallbacksMP
 
-__all__ = ["MODES", "RESIDENCIES", "KEY", "SelfNPOError", "SelfNPOPlan", "SelfNPOGuider", "apply_self_npo",
-           "get_plan", "lowrank_deltas"]
+__all__ = ["GUIDANCE_DISTILLED_WHY", "MODES", "RESIDENCIES", "KEY", "SelfNPOError", "SelfNPOPlan", "SelfNPOGuider",
+           "apply_self_npo", "get_plan", "is_guidance_distilled", "lowrank_deltas"]
 
 
 @dataclass
 class RunRecord:
-    """What one sampling run did, for the never-evaluated warning and for tests."""
+    """What one sampling run did, for its warning (`run_warning`) and for tests."""
     steps: int = 0
     inside_steps: int = 0    # steps inside the interval
     negative_calls: int = 0  # steps that evaluated the negative model
 
 
+GUIDANCE_DISTILLED_WHY = (
+    "this model is guidance-distilled (the guidance strength is an input of the model, `guidance_embed`, as in "
+    "Flux-dev and HunyuanVideo): it is made to be sampled at cfg 1 and has no real unconditional branch. Self-NPO "
+    "needs one: the negative model takes the place of the model's unconditional prediction, and CFG pushes the "
+    "sample away from it. Use a model trained with classifier-free guidance (e.g. Chroma instead of Flux-dev, "
+    "HunyuanVideo 1.5 instead of HunyuanVideo)")
+
+
+def is_guidance_distilled(model) -> bool:
+    """Whether a MODEL embeds its guidance strength instead of using CFG (Flux-dev, HunyuanVideo v1)."""
+    return bool(model.model.model_config.unet_config.get("guidance_embed", False))
+
+
+def run_warning(run: RunRecord, mode, interval: Interval, distilled: bool) -> str | None:
+    """The one warning a sampling run deserves, or None: a guidance-distilled model under a mode that
+    acts through CFG's unconditional branch, or a run that never evaluated the negative model."""
+    if run.steps == 0:
+        return None
+    if distilled and mode.uses_uncond_branch and run.inside_steps:
+        outcome = ("ComfyUI never evaluated the negative model (cfg 1): the result is plain sampling with the "
+                   "positive model" if not run.negative_calls else
+                   "the unconditional branch ran at cfg > 1, where this model's predictions are not what it was "
+                   "trained for")
+        return (f"Self-NPO mode {mode.name}: {GUIDANCE_DISTILLED_WHY}. In this sampling run of {run.steps} steps "
+                f"{outcome}. (Mode cfg+autoguidance uses the negative model on the prompt instead, at any cfg.)")
+    if run.negative_calls:
+        return None
+    if run.inside_steps == 0:
+        reason = f"no step fell inside start_percent–end_percent ({interval.describe()})"
+    elif mode is PLAIN_CFG:
+        reason = "mode cfg+autoguidance with autoguidance_scale 0 is plain CFG"
+    else:
+        reason = (f"at cfg 1 ComfyUI skips the negative branch, through which mode {mode.name} acts "
+                  "(use cfg > 1, or mode cfg+autoguidance, which adds its term at any cfg)")
+    return (f"Self-NPO: the negative model was not evaluated in this sampling run of {run.steps} steps: {reason}. "
+            "The result is plain sampling with the positive model.")
+
+
 class SelfNPOPlan:
     """The guidance chosen once at apply time (residency, mode, interval) and its per-run state."""
 
-    def __init__(self, holder, mode, interval: Interval):
+    def __init__(self, holder, mode, interval: Interval, distilled: bool = False):
         self.holder = holder  # SeparateResidency or BatchedLowRankResidency
         self.mode = mode
         self.interval = interval
+        self.distilled = distilled  # the sampled model is guidance-distilled (`is_guidance_distilled`)
         self.run = RunRecord()
         self._bounds = None   # the interval in σ, from the sampled model's model_sampling
 
@@ -84,19 +125,12 @@ class SelfNPOPlan:
         self.holder.start_run(patcher)
 
     def on_cleanup(self, patcher) -> None:
-        """End of a sampling run: say so once if the negative model never acted."""
-        run = self.run
-        if getattr(patcher, "is_multigpu_base_clone", False) or run.steps == 0 or run.negative_calls:
+        """End of a sampling run: one warning when the negative model did not act as the mode means."""
+        if getattr(patcher, "is_multigpu_base_clone", False):
             return
-        if run.inside_steps == 0:
-            reason = f"no step fell inside start_percent–end_percent ({self.interval.describe()})"
-        elif self.mode is PLAIN_CFG:
-            reason = "mode cfg+autoguidance with autoguidance_scale 0 is plain CFG"
-        else:
-            reason = (f"at cfg 1 ComfyUI skips the negative branch, through which mode {self.mode.name} acts "
-                      "(use cfg > 1, or mode cfg+autoguidance, which adds its term at any cfg)")
-        log.warning("Self-NPO: the negative model was not evaluated in this sampling run of %d steps: %s. "
-                    "The result is plain sampling with the positive model.", run.steps, reason)
+        message = run_warning(self.run, self.mode, self.interval, self.distilled)
+        if message:
+            log.warning(message)
 
     # --- sampler_calc_cond_batch_function ---------------------------------------------------
     def calc_cond_batch(self, args):
@@ -133,8 +167,7 @@ def _choose_residency(positive, negative, residency: str) -> str:
         return "separate"
     # exact low-rank changes ride along in the batch; anything else gets its own weights
     for key in differing_keys(positive, negative):
-        pos_list, neg_list = positive.patches.get(key, []), negative.patches.get(key, [])
-        if not key.endswith(".weight") or not exact_lora_tail(pos_list, neg_list):
+        if not key.endswith(".weight") or not exact_lora_change(positive, negative, key):
             return "separate"
     return "batched_lowrank"
 
@@ -194,7 +227,8 @@ def apply_self_npo(model, negative_model, residency: str = "auto", rank: int | N
     if model.model.model_config.unet_config != negative_model.model.model_config.unet_config:
         raise SelfNPOError("the negative model has another architecture than the positive model")
     name = _choose_residency(model, negative_model, residency)
-    plan = SelfNPOPlan(_RESIDENCY_FACTORIES[name](model, negative_model, rank), guidance_mode, interval)
+    plan = SelfNPOPlan(_RESIDENCY_FACTORIES[name](model, negative_model, rank), guidance_mode, interval,
+                       distilled=is_guidance_distilled(model))
     patched = _clone_without_self_npo(model)
     plan.holder.install(patched)
     patched.add_callback_with_key(_CALLBACKS.ON_PRE_RUN, KEY, plan.on_pre_run)

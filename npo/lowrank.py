@@ -1,7 +1,8 @@
 """batched_lowrank residency: one copy of the weights, θ_neg − θ_pos added to some rows of the batch.
 
-θ_neg − θ_pos is put in low-rank form per layer (exact for LoRA patches; full-rank offsets reduced by
-SVD to `rank`, relative error reported, or kept dense when rank is None). Forward hooks add it to the
+θ_neg − θ_pos is put in low-rank form per layer (exact for LoRA patches, also those on a slice of a
+fused weight; full-rank offsets reduced by SVD to `rank`, relative error reported, or kept dense when
+rank is None). Forward hooks add it to the
 layer outputs of the rows the negative model should compute: the chunks of the batch whose
 `cond_or_uncond` slot is one of the negative slots of this step. Every supported layer (Linear,
 Conv, GroupNorm, LayerNorm) is linear in its weights, so output(θ_neg) = output(θ_pos) + Δ-layer(x).
@@ -26,24 +27,64 @@ def differing_keys(positive, negative) -> list[str]:
     return sorted(k for k in keys if positive.patches.get(k, []) != negative.patches.get(k, []))
 
 
-def exact_lora_tail(pos_list, neg_list):
-    """The extra patches of `neg_list` when they are plain LoRAs added on top of `pos_list`:
-    [(up (out, r), down (r, in…), scale)], else None (then the difference is taken numerically)."""
-    import comfy.weight_adapter as weight_adapter
+def exact_lora_change(positive, negative, key: str):
+    """θ_neg − θ_pos at `key` as exact low-rank factors (see `exact_lora_tail`), or None."""
+    shape = tuple(comfy.utils.get_attr(positive.model, key).shape)
+    return exact_lora_tail(positive.patches.get(key, []), negative.patches.get(key, []), shape)
 
+
+def exact_lora_tail(pos_list, neg_list, weight_shape):
+    """The extra patches of `neg_list` when they are plain LoRAs added on top of `pos_list`, as exact
+    low-rank factors of the whole weight: [(up (out, r), down (r, *weight_shape[1:]), scale)], else
+    None (then the difference is taken numerically)."""
     if neg_list[: len(pos_list)] != pos_list or len(neg_list) == len(pos_list):
         return None
-    factors = []
-    for strength, adapter, strength_model, offset, function in neg_list[len(pos_list):]:
-        if not isinstance(adapter, weight_adapter.LoRAAdapter):
+    factors = [lora_patch_factors(patch, tuple(weight_shape)) for patch in neg_list[len(pos_list):]]
+    return None if any(f is None for f in factors) else factors
+
+
+def lora_patch_factors(patch, weight_shape: tuple):
+    """(up, down, scale) with scale·up @ down = the change one ComfyUI patch makes to a weight of
+    `weight_shape`, when the patch is a plain LoRA; else None.
+
+    A patch with an `offset` (dim, start, length) changes only that slice of the weight: ComfyUI's
+    key maps put diffusers-named LoRAs for MMDiT (SD3) and Flux/Chroma there, e.g. `to_q` on rows
+    0..h of the fused `qkv` or `proj_mlp` on rows 3h..7h of `linear1`. Its change is the LoRA's
+    up @ down placed into that slice, zeros elsewhere: still exactly rank r, with the slice's rows of
+    `up` (dim 0) or columns of `down` (dim 1) embedded in zeros."""
+    import comfy.weight_adapter as weight_adapter
+
+    strength, adapter, strength_model, offset, function = patch
+    if not isinstance(adapter, weight_adapter.LoRAAdapter) or strength_model != 1.0 or function is not None:
+        return None
+    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return None
+    target = list(weight_shape)  # the shape of the part the patch changes
+    if offset is not None:
+        if len(offset) != 3 or offset[0] not in (0, 1) or offset[1] + offset[2] > weight_shape[offset[0]]:
             return None
-        up, down, alpha, mid, dora_scale, reshape = adapter.weights
-        if strength_model != 1.0 or offset is not None or function is not None \
-                or mid is not None or dora_scale is not None or reshape is not None:
-            return None
-        scale = (alpha / down.shape[0]) if alpha is not None else 1.0
-        factors.append((up, down, float(strength) * float(scale)))
-    return factors
+        target[offset[0]] = offset[2]
+    up, down = up.flatten(1), down.flatten(1)
+    if up.shape[0] != target[0] or up.shape[1] != down.shape[0] or down.shape[1] != math.prod(target[1:]):
+        return None
+    down = down.reshape((down.shape[0],) + tuple(target[1:]))
+    if offset is not None:
+        up, down = _embed_slice(up, down, weight_shape, offset)
+    scale = (alpha / down.shape[0]) if alpha is not None else 1.0
+    return up, down, float(strength) * float(scale)
+
+
+def _embed_slice(up, down, weight_shape, offset):
+    """The factors of a slice's change as factors of the whole weight (zeros outside the slice)."""
+    dim, start, length = offset
+    if dim == 0:
+        full = up.new_zeros((weight_shape[0], up.shape[1]))
+        full[start:start + length] = up
+        return full, down
+    full = down.new_zeros((down.shape[0],) + tuple(weight_shape[1:]))
+    full[:, start:start + length] = down
+    return up, full
 
 
 @dataclass
@@ -110,19 +151,12 @@ def lowrank_deltas(positive, negative, rank: int | None = None) -> tuple[dict[st
         if param not in ("weight", "bias"):
             raise SelfNPOError(f"batched_lowrank cannot apply a change to {key}; use residency 'separate'")
         entry = deltas.setdefault(module_path, LayerDelta(module_path))
-        pos_list = positive.patches.get(key, [])
-        neg_list = negative.patches.get(key, [])
-        factors = exact_lora_tail(pos_list, neg_list) if param == "weight" else None
+        factors = exact_lora_change(positive, negative, key) if param == "weight" else None
         if factors:
-            ups = [up.flatten(1).float() * s for up, _down, s in factors]
-            kernel = factors[0][1].shape[1:]
-            if any(d.shape[1:] != kernel for _u, d, _s in factors):
-                factors = None
-            else:
-                entry.up = torch.cat(ups, dim=1).to(cpu)
-                entry.down = torch.cat([d.float() for _u, d, _s in factors], dim=0).to(cpu)
-                report.exact_layers += 1
-                continue
+            entry.up = torch.cat([up.float() * s for up, _down, s in factors], dim=1).to(cpu)
+            entry.down = torch.cat([d.float() for _u, d, _s in factors], dim=0).to(cpu)
+            report.exact_layers += 1
+            continue
         delta = (effective_weight(negative, key, device=cpu) - effective_weight(positive, key, device=cpu))
         if torch.count_nonzero(delta) == 0:
             continue

@@ -53,6 +53,11 @@ class GuidanceMode:
             lists[p.negative_model][p.slot] = prompts[p.prompt]
         return lists[False], lists[True]
 
+    @property
+    def uses_uncond_branch(self) -> bool:
+        """Whether the negative model acts through CFG's uncond branch (which cfg 1 skips)."""
+        return any(p.negative_model and p.slot == UNCOND_SLOT for p in self.predictions)
+
     def to_cfg(self, out: list, has_uncond: bool) -> list:
         """The (cond, uncond) predictions CFG receives, from the predictions by slot."""
         return [out[COND_SLOT], out[UNCOND_SLOT]]
