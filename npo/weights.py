@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model_weights import effective_weight, unpatched_weight
+from .model_weights import effective_weight, patch_block_parameters, unpatched_weight
 from .weight_checks import check_finite, check_lora_layers
 from .weight_formats import FORMAT_BY_NAME, FORMATS, MIN_MATCHED_FRACTION, Resolved, detect_format
 from .weight_keys import is_text_encoder_key
@@ -194,6 +194,7 @@ def make_negative_model(positive, npo: NPOWeights, strength: float = 1.0, merge_
     if len(added) != len(patches):
         missing = sorted(map(str, set(patches) - set(added)))[:3]
         raise NPOFormatError(f"{len(patches) - len(added)} NPO patches found no model weight, e.g. {missing}")
+    patch_block_parameters(negative)
     npo_keys = frozenset(k if isinstance(k, str) else k[0] for k in patches)
     negative.set_attachments(NEGATIVE_ATTACHMENT, NegativeModelInfo(report=report, npo_keys=npo_keys))
     log.info("Self-NPO negative model: %s", report.summary())

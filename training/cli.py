@@ -10,7 +10,7 @@ comfy_selfnpo.training.cli ...`); every process trains its share of each batch (
 only the first writes files.
 
 Test/demo only: with COMFY_SELFNPO_TINY_MODELS=1 in the environment the tiny model configs of
-`tiny_models.py` are registered with ComfyUI's detector, so the tiny checkpoints the test suite
+`tiny_models/` are registered with ComfyUI's detector, so the tiny checkpoints the test suite
 writes load like real ones. Never needed for real checkpoints.
 """
 from __future__ import annotations
