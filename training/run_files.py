@@ -108,7 +108,7 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if value != 0 and (abs(value) >= 1e-3 and abs(value) < 1e4) else f"{value:.2e}"
 
 
-def moving_average(values: list[float], window: int | None = None) -> list[float]:
+def loss_trend(values: list[float], window: int | None = None) -> list[float]:
     """The trend of a noisy loss: a centred rolling median (window ≈ a tenth of the run, 5 to 51 steps,
     shortened at the ends). A median ignores single outliers — the large first steps of a run do not
     drag the start of the curve the way an exponential average seeded with them does."""
@@ -122,7 +122,7 @@ def moving_average(values: list[float], window: int | None = None) -> list[float
 
 def loss_plot(steps: list[int], losses: list[float], width: int = 640, height: int = 360,
               title: str = "TDFT loss"):
-    """A PIL line chart of loss against step, with its trend (`moving_average`: what users read, since
+    """A PIL line chart of loss against step, with its trend (`loss_trend`: what users read, since
     single TDFT losses are noisy), min/max labels and the step range."""
     from PIL import Image, ImageDraw
 
@@ -156,7 +156,7 @@ def loss_plot(steps: list[int], losses: list[float], width: int = 640, height: i
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(70, 130, 220))
     else:
         draw.line(raw, fill=(150, 185, 235), width=1)
-        trend = moving_average([v for _, v in points])
+        trend = loss_trend([v for _, v in points])
         draw.line([xy(s, v) for (s, _), v in zip(points, trend)], fill=(20, 60, 160), width=2)
     draw.text((4, top - 4), _fmt(v_max), fill=(0, 0, 0), font=font)
     draw.text((4, bottom - 8), _fmt(v_min), fill=(0, 0, 0), font=font)
