@@ -31,8 +31,9 @@ _END_TOOLTIP = "Where in sampling Self-NPO stops acting (1 = the end of the nois
 def _inputs():
     # optional with defaults: workflows saved before these inputs existed still load and validate
     return [
-        io.Combo.Input("residency", options=list(RESIDENCIES), default="auto", tooltip=_RESIDENCY_TOOLTIP),
-        io.Int.Input("rank", default=0, min=0, max=4096, tooltip=_RANK_TOOLTIP),
+        io.Combo.Input("residency", options=list(RESIDENCIES), default="auto", tooltip=_RESIDENCY_TOOLTIP,
+                       advanced=True),
+        io.Int.Input("rank", default=0, min=0, max=4096, tooltip=_RANK_TOOLTIP, advanced=True),
         io.Combo.Input("mode", options=list(MODES), default="npo", optional=True, tooltip=_MODE_TOOLTIP),
         io.Float.Input("autoguidance_scale", default=1.0, min=0.0, max=100.0, step=0.05, round=0.01,
                        optional=True, tooltip=_AG_SCALE_TOOLTIP),
@@ -40,6 +41,13 @@ def _inputs():
                        tooltip=_START_TOOLTIP),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, optional=True, tooltip=_END_TOOLTIP),
     ]
+
+
+_MODEL_TOOLTIP = "The model to sample (with all its LoRAs); its CFG positive branch runs on it."
+_NEGATIVE_MODEL_TOOLTIP = ("The Self-NPO negative model ('Self-NPO Negative Model' or 'Self-NPO Train (TDFT)'); CFG's "
+                           "negative branch runs on it.")
+SEARCH_ALIASES = ["NPO", "Self-NPO", "Diffusion-NPO", "negative model", "negative LoRA", "autoguidance",
+                  "negative preference"]
 
 
 def _guidance_options(residency, rank, mode, autoguidance_scale, start_percent, end_percent) -> dict:
@@ -54,16 +62,20 @@ class SelfNPOCFGGuider(io.ComfyNode):
             node_id="SelfNPOCFGGuider",
             display_name="Self-NPO CFG Guider",
             category="sampling/self_npo",
+            search_aliases=SEARCH_ALIASES,
             description="CFG whose negative branch runs on the Self-NPO negative model (for SamplerCustomAdvanced).",
             inputs=[
-                io.Model.Input("model"),
-                io.Model.Input("negative_model"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Model.Input("model", tooltip=_MODEL_TOOLTIP),
+                io.Model.Input("negative_model", tooltip=_NEGATIVE_MODEL_TOOLTIP),
+                io.Conditioning.Input("positive", tooltip="The prompt's conditioning."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning (empty in the paper); "
+                                                          "mode npo evaluates it on the negative model."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="The guidance scale g. At 1 CFG skips the negative branch (and with it "
+                                       "Self-NPO, except in mode cfg+autoguidance)."),
                 *_inputs(),
             ],
-            outputs=[io.Guider.Output()],
+            outputs=[io.Guider.Output(tooltip="A GUIDER for SamplerCustomAdvanced.")],
         )
 
     @classmethod
@@ -85,8 +97,12 @@ class SelfNPOApply(io.ComfyNode):
             category="sampling/self_npo",
             description="Makes every sampler node (KSampler, ...) guide with the Self-NPO negative model "
                         "(mode npo: the negative prompt is evaluated on it). Pre-CFG and post-CFG patches keep working.",
-            inputs=[io.Model.Input("model"), io.Model.Input("negative_model"), *_inputs()],
-            outputs=[io.Model.Output()],
+            search_aliases=SEARCH_ALIASES,
+            inputs=[io.Model.Input("model", tooltip=_MODEL_TOOLTIP),
+                    io.Model.Input("negative_model", tooltip=_NEGATIVE_MODEL_TOOLTIP), *_inputs()],
+            outputs=[io.Model.Output(tooltip="The model, guiding with the negative model in every sampler node "
+                                             "(KSampler, SamplerCustom, ...). Apply Self-NPO after your LoRA "
+                                             "loaders.")],
         )
 
     @classmethod

@@ -18,7 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # unpinned would pull a multi-GB CUDA build instead.
   "$venv/bin/python" -m pip install --quiet "torch==${SELFNPO_TORCH_VERSION:-2.13.0}"
   "$venv/bin/python" -m pip install --quiet -r scripts/comfyui-runtime.txt
-  "$venv/bin/python" -m pip install --quiet -e ".[test,bench]"
+  "$venv/bin/python" -m pip install --quiet -e ".[test,bench,tensorboard]"
   # the registry's CLI (comfy-cli) in a venv of its own, for the registry tests
   [ -x "$venv/registry-tools/bin/python" ] || python3 -m venv "$venv/registry-tools"
   "$venv/registry-tools/bin/python" -m pip install --quiet -r scripts/registry-tools.txt

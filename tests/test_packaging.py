@@ -24,7 +24,7 @@ NOT_RUNTIME = {"tests", "bench", "scripts"}
 # pack itself, ComfyUI's own modules and the runtime dependencies of pyproject.toml:
 # * packages ComfyUI itself requires (import name -> distribution; checked against the pinned
 #   ComfyUI's requirements.txt below), so every ComfyUI install has them;
-FROM_COMFYUI = {"numpy": "numpy", "PIL": "Pillow"}
+FROM_COMFYUI = {"numpy": "numpy", "PIL": "Pillow", "av": "av"}  # av: video clips as training data
 # * optional packages, imported only inside `try/except` with a fallback (checked below).
 OPTIONAL = {
     "bitsandbytes": "the `train` extra: 8-bit AdamW; training falls back to AdamW without it",
@@ -328,7 +328,8 @@ def test_registry_archive_ships_the_pack_and_leaves_out_tests_bench_ci_and_scrip
                    "docs/algorithm.md", "docs/images/icon.png"):
         assert needed in names, needed
     templates = sorted(n for n in names if n.startswith("example_workflows/") and n.endswith(".json"))
-    assert len(templates) == 4
+    committed = sorted(f"example_workflows/{p.name}" for p in (PACK_ROOT / "example_workflows").glob("*.json"))
+    assert templates == committed and len(templates) >= 6  # SD1.5, SDXL, Wan video, Qwen-Image, training
     for template in templates:  # every template ships with its thumbnail and its API twin
         assert template.removesuffix(".json") + ".jpg" in names, template
     assert len([n for n in names if n.startswith("workflows/api/") and n.endswith(".json")]) == len(templates)

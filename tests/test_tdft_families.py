@@ -248,3 +248,34 @@ def test_shift_changes_the_schedule_trained_and_the_run_identity(tmp_path):
     sd = tiny_models.build_checkpoint("sd15", seed=0)
     with pytest.raises(UnsupportedModel, match="flow models"):
         with_shift(sd.model, 3.0)
+
+
+EXPECTED_ARCHITECTURE = {"sd15": "sd_v1", "sd2": "sd_v2_768_v", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "wan21": "wan",
+                         "wan22_5b": "wan", "qwen_image": "qwen_image", "chroma": "chroma", "ltxv": "ltxv",
+                         "lumina2": "lumina2", "hunyuan_video15": "hunyuan_video"}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED_ARCHITECTURE))
+def test_exported_files_say_which_model_they_belong_to(kind, tmp_path):
+    """kohya's ss_* and the modelspec keys A1111/Forge and LoRA managers read (today every file read as SD1)."""
+    import safetensors
+
+    from comfy_selfnpo import tiny_models
+
+    ckpt = tiny_models.build_checkpoint(kind, seed=0)
+    trainer = TDFTTrainer(ckpt.model, ckpt.clip, ckpt.vae, PromptList(PROMPTS), make_config(
+        "lora-8gb", resolution=64, frames=frames_for(kind), trajectory_buffer=2, steps=5), tmp_path / "run")
+    trainer.model_name = f"{kind}.safetensors"
+    for fmt in ("lora", "offset"):
+        path = trainer.export(tmp_path / f"my_npo_{fmt}.safetensors", format=fmt)
+        with safetensors.safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert meta["ss_base_model_version"] == EXPECTED_ARCHITECTURE[kind]
+        assert meta["ss_output_name"] == f"my_npo_{fmt}" and meta["ss_sd_model_name"] == f"{kind}.safetensors"
+        assert meta["ss_steps"] == "0" and meta["ss_max_train_steps"] == "5"
+        assert meta["modelspec.architecture"].endswith("/lora" if fmt == "lora" else "/offset")
+        assert meta["modelspec.title"] == f"my_npo_{fmt}" and "Self-NPO" in meta["modelspec.description"]
+        assert meta["modelspec.date"].count("-") == 2 and meta["modelspec.resolution"] == "64x64"
+        assert ("ss_network_dim" in meta) == (fmt == "lora")
+        if fmt == "lora":
+            assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0"

@@ -491,3 +491,49 @@ def test_full_training_starts_from_the_models_loras_when_they_stay_out_of_the_we
     trainer.train(steps=1)  # learning rate 0: the export is the LoRA'd model itself, no change on top
     assert all(float(d.abs().max()) < 1e-6 for d in trainer.trained.weight_deltas().values())
     torch.testing.assert_close(trainer.export_state_dict("unet")[inner], expected)
+
+
+def test_image_folder_repeats_orientation_and_16_bit_images(tmp_path):
+    """kohya "<N>_name" folders repeat their images N times an epoch (the nearest such folder counts);
+    a phone photo stored sideways with an EXIF orientation trains upright; a 16-bit PNG is scaled, not
+    clipped to white."""
+    import numpy as np
+    from PIL import Image
+
+    from comfy_selfnpo.training.data import EpochSampler
+
+    root = tmp_path / "data"
+    for rel, colour in (("3_cats/a.png", (200, 0, 0)), ("plain/b.png", (0, 200, 0)),
+                        ("2_outer/5_inner/c.png", (0, 0, 200))):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 24), colour).save(root / rel)
+    data = ImageCaptionFolder(root, 16)
+    by_name = dict(zip((item.path.name for item in data.items), data.repeats))
+    assert by_name == {"a.png": 3, "b.png": 1, "c.png": 5}
+    epoch = EpochSampler(data.repeats, seed=1).next_indices(9)
+    names = [data.items[i].path.name for i in epoch]
+    assert sorted(names) == ["a.png"] * 3 + ["b.png"] + ["c.png"] * 5
+    before = data.fingerprint()
+    (root / "3_cats").rename(root / "2_cats")
+    assert ImageCaptionFolder(root, 16).fingerprint() != before  # a resumed run notices the new count
+
+    # stored 40 wide x 20 high, left half red, right half blue; EXIF orientation 6 = "rotate 90°
+    # clockwise to display": upright it is 20 wide x 40 high, red on top, blue below
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20, 0] = 255
+    stored[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(photos / "sideways.jpg", exif=exif.tobytes(), quality=95)
+    grey = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 40).astype(np.uint16)  # 0 .. 40920
+    Image.fromarray(grey).save(photos / "deep.png")
+    loaded = ImageCaptionFolder(photos, 16)
+    upright = loaded.load_image([p.name for p in (i.path for i in loaded.items)].index("sideways.jpg"))
+    assert upright.shape == (16, 16, 3)
+    top, bottom = upright[:3].mean(dim=(0, 1)), upright[-3:].mean(dim=(0, 1))
+    assert top[0] > 0.8 and top[2] < 0.2 and bottom[2] > 0.8 and bottom[0] < 0.2
+    deep = loaded.load_image([i.path.name for i in loaded.items].index("deep.png"))
+    assert 0.25 < float(deep.mean()) < 0.4  # mean of 0 .. 40920 over 65535 is about 0.31; clipping gives 1.0
+    assert float(deep.max()) < 0.7

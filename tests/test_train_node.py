@@ -128,7 +128,8 @@ def test_train_node_resumes_by_name_and_refuses_changed_hyper_parameters(comfy_r
     ckpt = tiny.build_checkpoint("sd15", seed=0)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         out = SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=2))
-        negative, path, curve = out.result
+        negative, path, curve, lora, loss_map = out.result
+        assert len(loss_map["loss"]) == 2 and any(k.endswith("lora_up.weight") for k in lora)
         assert summary(comfy_dirs)["resumed_from_step"] is None
         first = safetensors.torch.load_file(path)
 
@@ -230,3 +231,35 @@ def test_train_node_cancel_during_the_trajectory_preroll_stops_within_seconds(co
     assert s["status"] == "cancelled" and s["step"] == 0
     assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()
     assert not comfy.model_management.processing_interrupted()
+
+
+def test_train_node_outputs_feed_cores_lora_and_loss_nodes_and_show_the_run_on_the_node(comfy_registry, comfy_dirs,
+                                                                                      tiny, progress):
+    """LORA_MODEL -> core's 'Load LoRA Model' (the negative without our loader), LOSS_MAP -> core's 'Plot
+    Loss Graph'; the node shows its loss curve and a report; data picked from input/."""
+    from PIL import Image
+
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+    from cli_setup import uncond_prediction
+    from tdft_helpers import make_image_folder
+
+    make_image_folder(comfy_dirs["input"] / "my_images", count=2)
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    with torch.inference_mode():
+        out = SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=ckpt.vae, input_folder="my_images",
+                                       **train_inputs(steps=2, data_folder=""))
+    negative, weights_path, curve, lora, loss_map = out.result
+    assert summary(comfy_dirs)["config"]["resolution"] == 64 and len(loss_map["loss"]) == 2
+    lora_nodes = comfy_registry.NODE_CLASS_MAPPINGS
+    lora_model = lora_nodes["LoraModelLoader"]().execute(ckpt.model, lora, 1.0)
+    lora_model = (lora_model.result if hasattr(lora_model, "result") else lora_model)[0]
+    torch.testing.assert_close(uncond_prediction(lora_model, ckpt.clip), uncond_prediction(negative, ckpt.clip),
+                               rtol=1e-4, atol=1e-5)
+    assert (uncond_prediction(lora_model, ckpt.clip) - uncond_prediction(ckpt.model, ckpt.clip)).abs().max() > 1e-5
+    plotted = lora_nodes["LossGraphNode"]().execute(loss_map, "selfnpo_loss")
+    assert plotted.ui.as_dict()["images"]  # core's loss plot drew our LOSS_MAP
+    shown = out.ui
+    assert shown["images"] and "2/2 steps" in shown["text"][0] and "final loss" in shown["text"][0]
+    with pytest.raises(ValueError, match="not both"):
+        SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=ckpt.vae, input_folder="my_images",
+                                 **train_inputs(steps=2, data_folder="/somewhere"))

@@ -10,12 +10,13 @@ comfy_selfnpo.training.cli ...`); every process trains its share of each batch (
 only the first writes files.
 
 Test/demo only: with COMFY_SELFNPO_TINY_MODELS=1 in the environment the tiny model configs of
-`tiny_models.py` are registered with ComfyUI's detector, so the tiny checkpoints the test suite
+`tiny_models/` are registered with ComfyUI's detector, so the tiny checkpoints the test suite
 writes load like real ones. Never needed for real checkpoints.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -72,7 +73,7 @@ def _add_hyperparameter_flags(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
+    from .config import DEFAULT_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="comfy-selfnpo-train",
@@ -107,11 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "captions); by default that is refused")
     out.add_argument("--preview-every", type=int, help="sample CFG vs NPO-CFG previews every N steps (0 = never)")
     out.add_argument("--preview-prompt", help="prompt of the previews (default: the first prompt/caption)")
+    out.add_argument("--sample-prompts", help="previews of several prompts (a row each), kohya's sample-prompt file: "
+                     "one prompt per line, optionally with --n <negative> --d <seed> --l <cfg> --s <steps>")
+    out.add_argument("--tensorboard", help="also log loss, learning rate and previews for TensorBoard into this "
+                     "folder (needs the tensorboard extra)")
     out.add_argument("--preview-steps", type=int, help="sampling steps of a preview (default 20)")
     out.add_argument("--preview-cfg", type=float, help="CFG scale of the previews (default 7.0)")
     run = parser.add_argument_group("run")
     run.add_argument("--config", help="TOML file with any of these options (names with _ or -), for repeatable runs")
-    run.add_argument("--preset", choices=sorted(PRESETS), help="hyper-parameter preset: sd15/sdxl as published, "
+    run.add_argument("--preset", choices=sorted(PRESETS), help=f"hyper-parameter preset (default {DEFAULT_PRESET}, as the "
+                     "training node): sd15/sdxl as published, "
                      "lora-8gb/12gb/16gb/24gb sized for consumer GPUs")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): the GPU ComfyUI finds, else CPU")
     run.add_argument("--demo", action="store_true", default=None,
@@ -291,7 +297,26 @@ def _setup_logging(verbose: bool):
     return restore
 
 
-def _init_comfyui(device: str) -> None:
+@contextlib.contextmanager
+def _quiet_imports(verbose: bool):
+    """ComfyUI logs what its optional parts miss while it is imported (torchaudio, comfy_kitchen, ...):
+    noise for a training run. Shown with --verbose only."""
+    if verbose:
+        yield
+        return
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _init_comfyui(device: str, verbose: bool = False) -> None:
+    with _quiet_imports(verbose):
+        _import_comfyui(device)
+
+
+def _import_comfyui(device: str) -> None:
     from ..comfyui_env import ensure_comfyui
     from .distributed import select_local_device
 
@@ -317,14 +342,14 @@ def _init_comfyui(device: str) -> None:
 
 
 def _config_from_args(args):
-    from .config import field_types
+    from .config import DEFAULT_PRESET, field_types
     from .settings import build_config
 
     overrides = {name: getattr(args, name) for name in field_types()}
     if args.demo:
         overrides = {**DEMO_OVERRIDES, **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        return build_config(args.preset, overrides)
+        return build_config(args.preset or DEFAULT_PRESET, overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -407,10 +432,30 @@ def _session(args, config, paths, stop, world):
                              allow_data_change=bool(args.allow_data_change),
                              preview_every=args.preview_every or 0, preview_prompt=args.preview_prompt or "",
                              preview_seed=config.seed, preview_settings=preview, should_stop=stop,
+                             sample_prompts=_sample_prompts(args, config), observers=_observers(args, world),
+                             model_name=Path(args.checkpoint or args.diffusion_model or "demo").name,
                              extra_summary={"model": loaded.description, "command": sys.argv[1:],
                                             "processes": world.size})
     session = TrainingSession(loaded.model, loaded.clip, loaded.vae, data, config, paths, options, world=world)
     return session, loaded, preview
+
+
+def _sample_prompts(args, config):
+    from .previews import parse_sample_prompts
+
+    return parse_sample_prompts(args.sample_prompts, config.seed) if args.sample_prompts else None
+
+
+def _observers(args, world) -> list:
+    """TensorBoard logging (--tensorboard), on the process that writes files."""
+    if not args.tensorboard:
+        return []
+    from .tensorboard_log import TensorBoardLog
+
+    try:
+        return world.main_only(lambda: [TensorBoardLog(Path(args.tensorboard).expanduser())]) or []
+    except ImportError as e:
+        raise UsageError(str(e)) from None
 
 
 def _train(args, config, paths, stop, world) -> int:
@@ -526,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_toml(args, parser)
         _check_args(args)
         restore_logging = _setup_logging(bool(args.verbose))
-        _init_comfyui(args.device or "auto")
+        _init_comfyui(args.device or "auto", bool(args.verbose))
         code = run(args)
     except SystemExit as e:  # argparse: --help (0) or bad flags (2)
         return int(e.code or 0)

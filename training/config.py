@@ -178,6 +178,7 @@ _LORA_COMMON = dict(
     grid_size=25, truncation_steps=5, loss="huber", huber_c=0.001, teacher="base", mode="lora",
     learning_rate=1e-4, weight_decay=1e-3, max_grad_norm=1.0, steps=1000,
     mixed_precision="auto", output_format="lora")
+DEFAULT_PRESET = "lora-12gb"  # what the training node and comfy-selfnpo-train start from
 PRESETS: dict[str, dict] = {
     "sd15": _RECIPE_SD15,
     "sdxl": _RECIPE_SDXL,

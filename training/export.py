@@ -11,6 +11,7 @@ Formats (one function each in EXPORTERS):
 """
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -57,7 +58,47 @@ def export_tensors(trained, base_model, fmt: str) -> dict[str, torch.Tensor]:
         return EXPORTERS[fmt](trained, base_model)
 
 
-def metadata(fmt: str, base_model, config, base_hash: str, steps: int, data_kind: str) -> dict[str, str]:
+# ComfyUI model config class -> (kohya's ss_base_model_version, modelspec.architecture stem): what
+# A1111/Forge, LoRA managers and model sites read to tell which model a file belongs to. Matched along
+# the class hierarchy, so subclasses (and the test suite's tiny models) take their family's row.
+ARCHITECTURES = {
+    "SD15": ("sd_v1", "stable-diffusion-v1"),
+    "SD20": ("sd_v2", "stable-diffusion-v2"),
+    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+    "SD3": ("sd3", "stable-diffusion-3"),
+    "Flux": ("flux1", "flux-1-dev"),
+    "Chroma": ("chroma", "chroma"),
+    "WAN21_T2V": ("wan", "wan-2.1-t2v"),
+    "WAN22_T2V": ("wan", "wan-2.2-ti2v-5b"),
+    "QwenImage": ("qwen_image", "qwen-image"),
+    "LTXV": ("ltxv", "ltx-video"),
+    "HunyuanVideo": ("hunyuan_video", "hunyuan-video"),
+    "HunyuanVideo15": ("hunyuan_video", "hunyuan-video-1.5"),
+    "Lumina2": ("lumina2", "lumina-image-2"),
+}
+DESCRIPTION = ("Self-NPO negative model ({fmt}): the change that makes {arch} generate what people do not prefer, "
+               "trained without preference data by truncated diffusion fine-tuning. Not a style LoRA: use it as "
+               "the negative model of CFG ('Self-NPO Negative Model' + 'Apply Self-NPO' / 'Self-NPO CFG Guider' "
+               "in ComfyUI, comfy-selfnpo).")
+
+
+def architecture(base_model) -> tuple[str, str]:
+    """(ss_base_model_version, modelspec architecture stem) of a ComfyUI BaseModel."""
+    for cls in type(base_model.model_config).__mro__:
+        if cls.__name__ in ARCHITECTURES:
+            version, spec = ARCHITECTURES[cls.__name__]
+            if version == "sd_v2" and base_model.model_type.name == "V_PREDICTION":
+                return "sd_v2_768_v", "stable-diffusion-v2-768-v"
+            return version, spec
+    name = type(base_model.model_config).__name__
+    return name.lower(), name.lower()
+
+
+def metadata(fmt: str, base_model, config, base_hash: str, steps: int, data_kind: str, name: str = "",
+             model_name: str = "") -> dict[str, str]:
+    """What the weights file says about itself: the pack's own keys (resume checks, provenance),
+    kohya's `ss_*` keys and the `modelspec.*` keys other tools read."""
+    version, spec = architecture(base_model)
     meta = {
         "comfy_selfnpo.format": fmt,
         "comfy_selfnpo.base_model_hash": base_hash,
@@ -65,10 +106,17 @@ def metadata(fmt: str, base_model, config, base_hash: str, steps: int, data_kind
         "comfy_selfnpo.config": json.dumps(config.to_dict(), sort_keys=True),
         "comfy_selfnpo.steps": str(steps),
         "comfy_selfnpo.data": data_kind,
+        "ss_base_model_version": version, "ss_output_name": name, "ss_sd_model_name": model_name,
+        "ss_steps": str(steps), "ss_max_train_steps": str(config.steps), "ss_learning_rate": str(config.learning_rate),
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{spec}/{'lora' if fmt == 'lora' else fmt}",
+        "modelspec.implementation": "https://github.com/comfy-selfnpo/comfy-selfnpo",
+        "modelspec.title": name or "Self-NPO negative model", "modelspec.date": datetime.date.today().isoformat(),
+        "modelspec.description": DESCRIPTION.format(fmt=fmt, arch=spec),
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
     }
     if fmt == "lora":
         meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(config.lora_rank),
-                     "ss_network_alpha": str(config.lora_alpha), "ss_steps": str(steps)})
+                     "ss_network_alpha": str(config.lora_alpha)})
     return meta
 
 
@@ -77,8 +125,12 @@ def write(path, trained, base_model, fmt: str, meta: dict[str, str]) -> Path:
 
 
 def negative_model(base_patcher, trained):
-    """A clone of the base MODEL with the trained change as weight patches."""
+    """A clone of the base MODEL with the trained change as weight patches (and, for parameters
+    ComfyUI does not patch, object patches: npo.model_weights.patch_block_parameters)."""
+    from ..npo.model_weights import patch_block_parameters
+
     with torch.inference_mode(False), torch.no_grad():
         clone = base_patcher.clone()
         clone.add_patches(trained.model_patches(), 1.0)
+        patch_block_parameters(clone)
     return clone

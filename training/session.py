@@ -92,11 +92,14 @@ class SessionOptions:
     preview_prompt: str = ""
     preview_seed: int = 0
     preview_settings: object = None  # previews.PreviewSettings
+    sample_prompts: list | None = None  # previews.SamplePrompt rows; default: the preview prompt and seed
+    observers: list = field(default_factory=list)  # extra loggers: .step(Progress), .preview(image, step)
     on_step: Callable[[Progress], None] | None = None
     on_preview: Callable[[object, int], None] | None = None  # (PIL side-by-side image, step)
     should_stop: Callable[[], bool] | None = None
     on_prepare: Callable[[int, int], None] | None = None  # (done, total) of the one-time data preparation
     allow_data_change: bool = False  # resume although the data's content differs from the checkpoint's
+    model_name: str = ""  # the base model's file name, recorded in the exported files' metadata
     extra_summary: dict = field(default_factory=dict)
 
 
@@ -149,6 +152,7 @@ class TrainingSession:
                               f"{str(paths.checkpoint)!r} to start over (nothing was overwritten)")
         self.trainer = TDFTTrainer(self.model, self.clip, self.vae, self.data, self.config, paths.run_dir,
                                    device=self.device, log=log.info, world=self.world)
+        self.trainer.model_name = opts.model_name
         if exists and opts.resume:
             # ResumeMismatch says what differs (or how to start over from a damaged checkpoint)
             self.trainer.load_checkpoint(paths.checkpoint, allow_data_change=opts.allow_data_change)
@@ -173,8 +177,10 @@ class TrainingSession:
         return self.paths.has_checkpoint()
 
     def close(self) -> None:
-        """Release the run folder for the next run."""
+        """Release the run folder for the next run; close the loggers."""
         self.lock.release()
+        for observer in self.options.observers:
+            getattr(observer, "close", lambda: None)()
 
     # ------------------------------------------------------------ run
 
@@ -182,8 +188,10 @@ class TrainingSession:
         elapsed = time.perf_counter() - self.started
         self.rows.append({"step": result.step, "loss": result.loss, "lr": result.lr,
                           "teacher_s": result.teacher_s, "student_s": result.student_s, "elapsed_s": elapsed})
-        if self.options.on_step is not None:
-            self.options.on_step(Progress(result.step, self.config.steps, result.loss, result.lr, elapsed))
+        progress = Progress(result.step, self.config.steps, result.loss, result.lr, elapsed)
+        for report in [self.options.on_step] + [getattr(o, "step", None) for o in self.options.observers]:
+            if report is not None:
+                report(progress)
         every = self.options.preview_every
         if every and (result.step % every == 0 or result.step == self.config.steps):
             try:
@@ -194,16 +202,17 @@ class TrainingSession:
                 log.warning("preview at step %d failed (%s: %s); training goes on", result.step, type(e).__name__, e)
 
     def preview(self, step: int):
-        from .previews import PreviewSettings, sample_cfg_and_npo, side_by_side
+        from .previews import PreviewSettings, SamplePrompt, preview_grid
 
-        prompt = self.options.preview_prompt or (self.data.captions[0] if len(self.data) else "")
-        settings = self.options.preview_settings or PreviewSettings(size=self.config.resolution)
-        cfg_image, npo_image = sample_cfg_and_npo(self.model, self.trainer.negative_model(), self.clip, self.vae,
-                                                  prompt, self.options.preview_seed, settings)
-        image = side_by_side(cfg_image, npo_image)
+        opts = self.options
+        prompts = opts.sample_prompts or [SamplePrompt(opts.preview_prompt or (self.data.captions[0] if len(self.data)
+                                                                                else ""), opts.preview_seed)]
+        settings = opts.preview_settings or PreviewSettings(size=self.config.resolution)
+        image = preview_grid(self.model, self.trainer.negative_model(), self.clip, self.vae, prompts, settings)
         run_files.save_png(self.paths.previews / f"step_{step:06d}.png", image)
-        if self.options.on_preview is not None:
-            self.options.on_preview(image, step)
+        for report in [opts.on_preview] + [getattr(o, "preview", None) for o in opts.observers]:
+            if report is not None:
+                report(image, step)
         return image
 
     def _on_save(self, step: int, folder) -> None:

@@ -8,6 +8,7 @@ an extension). Chosen once by `make_trained`; the trainer only uses the shared i
   update_teacher()                                    the EMA step θ⁻ ← d·θ⁻ + (1 − d)·θ (no-op for a frozen teacher)
   state_dict / load_state_dict                        student and teacher, for checkpoints
   weight_deltas, lora_tensors, model_patches          what export and the negative MODEL are made of
+  lora_model                                          the node's LORA_MODEL output
 
 Neither ever changes the caller's MODEL in place:
   * full: the student (and an EMA teacher) are separate float32 copies rebuilt from the model config
@@ -187,6 +188,10 @@ class FullWeights:
     def lora_tensors(self) -> dict:
         raise TrainingError("a full-mode run cannot be saved as a LoRA; use format 'offset' (exact) or 'unet'")
 
+    def lora_model(self) -> dict:
+        """What core's LORA_MODEL output carries: nothing (a full offset would hold GBs in ComfyUI's cache)."""
+        return {}
+
     def model_patches(self) -> dict:
         return {f"diffusion_model.{k}": ("diff", (d,)) for k, d in self.weight_deltas().items()}
 
@@ -249,6 +254,10 @@ class LoRAWeights:
 
     def lora_tensors(self) -> dict:
         return self.adapters.kohya_state_dict(self.base_model)
+
+    def lora_model(self) -> dict:
+        """What core's LORA_MODEL output carries: the LoRA."""
+        return self.lora_tensors()
 
     def model_patches(self) -> dict:
         import comfy.lora

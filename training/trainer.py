@@ -152,6 +152,7 @@ class TDFTTrainer:
         self.grid = tdft.ddim_grid(self.schedule.T, config.grid_size)
         self.device = torch.device(device) if device is not None else mm.get_torch_device()
         self.step, self.losses = 0, []
+        self.model_name = ""  # the base model's file name, for the exported files' metadata (front ends set it)
         self.saved_step = None  # the step of the newest checkpoint written or resumed (every process knows it)
         with torch.inference_mode(False):
             self.base_hash = model_identity(model)
@@ -379,12 +380,13 @@ class TDFTTrainer:
     def export_state_dict(self, format: str | None = None) -> dict[str, torch.Tensor]:
         return export.export_tensors(self.trained, self.base_model, format or self.config.output_format)
 
-    def metadata(self, fmt: str) -> dict[str, str]:
-        return export.metadata(fmt, self.base_model, self.config, self.base_hash, self.step, self.starts.kind)
+    def metadata(self, fmt: str, name: str = "") -> dict[str, str]:
+        return export.metadata(fmt, self.base_model, self.config, self.base_hash, self.step, self.starts.kind,
+                               name=name, model_name=self.model_name)
 
     def export(self, path, format=None) -> Path:
         fmt = format or self.config.output_format
-        return export.write(path, self.trained, self.base_model, fmt, self.metadata(fmt))
+        return export.write(path, self.trained, self.base_model, fmt, self.metadata(fmt, Path(path).stem))
 
     def negative_model(self):
         """A clone of the base MODEL with the trained change as weight patches."""

@@ -198,6 +198,8 @@ def diffusion_npo_release_with_beta() -> Graph:
     return g
 
 
+# The lora-12gb preset's values, as the training node shows them for it (a test checks they are the preset's)
+LORA_12GB = dict(steps=1000, learning_rate=1e-4, lora_rank=16, teacher="base")
 # Data-free training (prompts only), LoRA sized for a 12 GB GPU; everything else as the preset says.
 TRAIN_NODE_INPUTS: dict = dict(
     data_folder="",
@@ -209,8 +211,8 @@ TRAIN_NODE_INPUTS: dict = dict(
         "a futuristic city skyline at night, neon lights",
         "a cozy reading nook with a cat sleeping on a blanket",
     ]),
-    preset="lora-12gb", steps=1000, learning_rate=0.0, lora_rank=0, teacher="preset", seed=0,
-    output_name="sd15_selfnpo_lora", save_every=100, preview_every=100, overrides="",
+    preset="lora-12gb", **LORA_12GB, seed=0,
+    output_name="sd15_selfnpo_lora", save_every=100, preview_every=100, overrides="", input_folder="",
 )
 TRAIN_NOTE = (
     "## Train a Self-NPO LoRA, then sample with it",
@@ -315,8 +317,9 @@ WAN_TRAIN_INPUTS: dict = dict(
         "a red car driving through a rainy city at night",
         "a hummingbird hovering near a pink flower, slow motion",
     ]),
-    preset="lora-12gb", steps=1000, learning_rate=0.0, lora_rank=0, teacher="preset", seed=0,
+    preset="lora-12gb", **LORA_12GB, seed=0,
     output_name="wan21_selfnpo_lora", save_every=100, preview_every=0, overrides="frames = 17\nresolution = 480",
+    input_folder="",
 )
 
 GRAPHS = [sd15_apply_selfnpo_ksampler, sdxl_selfnpo_guider, train_then_sample, diffusion_npo_release_with_beta,
