@@ -537,3 +537,49 @@ def test_image_folder_repeats_orientation_and_16_bit_images(tmp_path):
     deep = loaded.load_image([i.path.name for i in loaded.items].index("deep.png"))
     assert 0.25 < float(deep.mean()) < 0.4  # mean of 0 .. 40920 over 65535 is about 0.31; clipping gives 1.0
     assert float(deep.max()) < 0.7
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_lora_training_on_a_partly_loaded_model_equals_training_on_a_fully_loaded_one(tiny, tmp_path, monkeypatch,
+                                                                                      family):
+    """A model larger than the GPU: ComfyUI loads part of it and streams the other layers' weights in at
+    every call. Simulated with ComfyUI's own partial loading at a budget of a third of the model; the
+    streamed layers keep no weight for the backward pass, and the run is the fully loaded run."""
+    import comfy.model_management as mm
+
+    from comfy_selfnpo.training.streaming import streamed_layers
+
+    prompts = PromptList(["a red cube", "a blue sphere"])
+    settings = dict(mode="lora", lora_rank=2, steps=2, resolution=64, batch_size=1, trajectory_buffer=2,
+                    grid_size=10, truncation_steps=3, seed=7)
+
+    def run(name):
+        ckpt = tiny.build_checkpoint(family, seed=1)
+        trainer = TDFTTrainer(ckpt.model, ckpt.clip, None, prompts, make_config(**settings), tmp_path / name)
+        losses = [trainer.train_step().loss for _ in range(2)]
+        return trainer, losses
+
+    reference, reference_losses = run("full")
+    mm.unload_all_models()
+    model_load = mm.LoadedModel.model_load
+
+    def small_gpu(self, lowvram_model_memory=0, force_patch_weights=False):  # room for a third of the weights
+        room = self.model.model_size() // 3 - self.model.loaded_size()
+        return model_load(self, max(room, 1), force_patch_weights)
+
+    monkeypatch.setattr(mm.LoadedModel, "model_load", small_gpu)
+    saved = []  # what forward passes keep for the backward pass (recomputations inside it excluded)
+
+    def keep(tensor):
+        if torch._C._current_graph_task_id() == -1:
+            saved.append(tensor.data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        streamed, streamed_losses = run("streamed")
+    layers = streamed_layers(streamed.base_model.diffusion_model, streamed.device)
+    assert len(layers) >= 3 and streamed.base_patcher.model.model_lowvram
+    assert not {layer.weight.data_ptr() for layer in layers} & set(saved)
+    assert streamed_losses == pytest.approx(reference_losses, rel=1e-5)
+    for key, value in reference.trained.module.state_dict().items():
+        torch.testing.assert_close(streamed.trained.module.state_dict()[key], value, rtol=1e-4, atol=1e-7)

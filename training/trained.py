@@ -3,6 +3,7 @@ an extension). Chosen once by `make_trained`; the trainer only uses the shared i
 
   student_forward / teacher_forward(x, sigma, cond)   x0-predictions (BaseModel.apply_model)
   module, parameters(), may_skip_parameters           what the optimizer and DDP see
+  student_uses_base                                   do student gradients pass through the loaded model?
   active()                                            context in which forwards use the trained weights
   student_diffusion_model                             the network whose blocks gradient checkpointing wraps
   update_teacher()                                    the EMA step θ⁻ ← d·θ⁻ + (1 − d)·θ (no-op for a frozen teacher)
@@ -131,6 +132,7 @@ def rebuild_float32(patcher):
 class FullWeights:
     """Full fine-tuning (the paper): a float32 student copy of the whole diffusion model."""
     may_skip_parameters = True  # architectures have layers some inputs never reach
+    student_uses_base = False  # the student is its own copy; the loaded model only serves the frozen teacher
 
     def __init__(self, base_patcher, config):
         self.base_patcher, self.base_model = base_patcher, base_patcher.model
@@ -199,6 +201,7 @@ class FullWeights:
 class LoRAWeights:
     """A LoRA adapter on the loaded model (extension): only the adapter's matrices train."""
     may_skip_parameters = False  # every targeted layer runs in every forward pass
+    student_uses_base = True  # the student is the loaded model plus adapters: gradients pass through it
 
     def __init__(self, base_patcher, config):
         self.base_patcher = base_patcher

@@ -11,6 +11,7 @@ Each step runs `tdft.tdft_step` — the one composition of the algorithm — per
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import resource
@@ -34,6 +35,7 @@ from .identity import model_identity
 from .optimization import Optimization
 from .signals import signals_deferred
 from .starts import make_starts
+from .streaming import recast_in_backward, streamed_layers
 from .trained import make_trained
 
 _log = logging.getLogger("comfy_selfnpo.training")
@@ -187,8 +189,7 @@ class TDFTTrainer:
         def forward_and_loss():
             return student(x.to(self.device), t.to(self.device), cond).float().square().mean()
 
-        with self.trained.active(), gradient_checkpointing(self.trained.student_diffusion_model,
-                                                           self.config.gradient_checkpointing):
+        with self._student_passes():
             needed = needs_saved_copies(forward_and_loss)
         self.optim.zero_grad()
         if needed:
@@ -201,7 +202,9 @@ class TDFTTrainer:
         import comfy.model_management as mm
 
         if self.device == mm.get_torch_device():
-            mm.load_models_gpu([self.base_patcher], memory_required=extra_bytes, force_full_load=True)
+            # never trained itself, the base may stay partly in CPU memory when the GPU is too small
+            # (ComfyUI streams those layers in; streaming.py keeps the backward pass exact)
+            mm.load_models_gpu([self.base_patcher], memory_required=extra_bytes, force_full_load=False)
         else:
             self.base_model.to(self.device)
 
@@ -249,9 +252,17 @@ class TDFTTrainer:
         return f"the TDFT loss became {loss} at step {self.step + 1}; {kept}."
 
     def _accumulate(self, teacher) -> list[float]:
-        with self.trained.active(), gradient_checkpointing(self.trained.student_diffusion_model,
-                                                           self.config.gradient_checkpointing):
+        with self._student_passes():
             return [self._micro_batch(micro, teacher) for micro in range(self.config.grad_accum)]
+
+    @contextlib.contextmanager
+    def _student_passes(self):
+        """Where student forwards and backwards run: the trained weights in place, streamed base layers
+        recomputed in the backward pass (streaming.py), blocks checkpointed if asked."""
+        streamed = streamed_layers(self.base_model.diffusion_model, self.device) if self.trained.student_uses_base else []
+        with self.trained.active(), recast_in_backward(streamed), \
+                gradient_checkpointing(self.trained.student_diffusion_model, self.config.gradient_checkpointing):
+            yield
 
     def _rewind(self, position: dict) -> None:
         """Undo a failed step: no half-accumulated gradients, the data position before it."""
