@@ -79,6 +79,13 @@ def _diffusers_layout(kind: str, h: int = HIDDEN) -> dict:
         layout["transformer.transformer_blocks.0.attn.to_add_out"] = (
             "diffusion_model.joint_blocks.0.context_block.attn.proj.weight", None)
         return layout
+    if kind == "wan21":  # no fused layers: every diffusers module is one whole ComfyUI weight
+        renames = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                   "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                   "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0",
+                   "ffn.net.2": "ffn.2"}
+        return {f"transformer.blocks.{i}.{d}": (f"diffusion_model.blocks.{i}.{c}.weight", None)
+                for i in range(2) for d, c in renames.items()}
     assert kind == "chroma"
     d, c = "transformer.transformer_blocks.0.attn", "diffusion_model.double_blocks.0"
     for names, attn in ((_QKV, "img_attn"), (_ADDED_QKV, "txt_attn")):
@@ -133,6 +140,27 @@ def test_diffusers_lora_on_fused_layers_is_exact_low_rank_and_auto_batches_it(ki
             expected = hand_cfg(reference, step)
             assert rel_err(step["denoised"], expected) < 1e-4
             assert rel_err(hand_cfg(s, step) - step["x"], expected - step["x"]) > 1e-2  # not the other LoRA
+    assert rel_err(results["batched_lowrank"], results["separate"]) < 1e-4
+
+
+def test_diffusers_named_wan_lora_through_the_packs_loader_guides_like_the_change_applied_by_hand():
+    from comfy_selfnpo.npo.weights import make_negative_model, npo_weights_from_state_dict
+
+    s = family_setup("wan21")
+    lora, change = _diffusers_lora(s.model, _diffusers_layout("wan21"))
+    npo = npo_weights_from_state_dict(lora, "wan_npo_diffusers.safetensors")
+    negative_model, report = make_negative_model(s.model, npo, strength=STRENGTH)
+    assert report.unmatched == [] and report.patched == len(change) == 20
+    reference = dataclasses.replace(s, neg_ind=independent_model_with("wan21", None, change))
+    results = {}
+    for residency in RESIDENCIES:
+        recorder = StepRecorder()
+        results[residency], plan = _sample("guider", reference, negative_model, residency, recorder)
+        assert plan.verified and plan.negative_calls == STEPS
+        for step in recorder.steps:
+            assert rel_err(step["denoised"], hand_cfg(reference, step)) < 1e-4
+            assert rel_err(hand_cfg(s, step) - step["x"], hand_cfg(reference, step) - step["x"]) > 1e-2
+    assert get_plan(apply_self_npo(s.model, negative_model)).residency == "batched_lowrank"
     assert rel_err(results["batched_lowrank"], results["separate"]) < 1e-4
 
 
