@@ -91,7 +91,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dist_bench_"))
     common = _inputs(work, args.full_size)
     common += ["--preset", "lora-8gb", "--grad-accum", "1",
-               "--no-gradient-checkpointing", "--adam-eps", "1e-3", "--trajectory-buffer", "8",
+               "--no-gradient-checkpointing", "--adam-eps", "1e-3", "--trajectory-buffer", str(max(8, args.global_batch)),
                "--steps", str(args.steps), "--no-progress"]
     single = _run(1, args.global_batch, common, work / "single")
     split = _run(args.processes, args.global_batch, common, work / "split")
