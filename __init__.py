@@ -12,3 +12,6 @@ async def comfy_entrypoint():
     from .nodes import SelfNPOExtension
 
     return SelfNPOExtension()
+
+# the frontend extension that shows a training preset's values on the node (web/)
+WEB_DIRECTORY = "./web"

@@ -11,6 +11,7 @@ Inside a running ComfyUI (the pack sits in `ComfyUI/custom_nodes/`) nothing here
 """
 from __future__ import annotations
 
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
@@ -78,11 +79,61 @@ def _cuda_or_other_accelerator_available() -> bool:
     return bool(xpu is not None and xpu.is_available())
 
 
+class _MissingTorchvisionName:
+    """A torchvision name the stand-in does not provide: attribute chains resolve (module-level code
+    such as `transforms.InterpolationMode.BICUBIC` imports fine), calling it says what is missing."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _MissingTorchvisionName(f"{self._name}.{attr}")
+
+    def __call__(self, *args, **kwargs):
+        raise ModuleNotFoundError(
+            f"{self._name} needs torchvision, which is not installed (this ComfyUI runs with comfy-selfnpo's "
+            "stand-in, enough for SD1.5/SDXL). Install a torchvision that matches your torch to use this model.")
+
+    def __repr__(self) -> str:
+        return f"<missing {self._name}>"
+
+
+class _StandInModule(types.ModuleType):
+    __comfy_selfnpo_stand_in__ = True
+
+    def __getattr__(self, attr: str):  # PEP 562: `from torchvision.ops import roi_align`
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _MissingTorchvisionName(f"{self.__name__}.{attr}")
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves every `torchvision.<sub>` import (ops, models, io, ...) with a stand-in module."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StandInModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
 def install_torchvision_stand_in_if_missing() -> bool:
-    """`comfy.model_base` imports torchvision (only Cosmos/Cascade use it). When no real torchvision
-    is importable (CPU-only machines have no usable wheel), register a minimal stand-in so that
-    SD1.5/SDXL models, which never touch it, can load. A real torchvision always wins.
-    Returns whether the stand-in was installed."""
+    """`comfy.model_base` imports torchvision at load time: v0.14 for Cosmos/Cascade
+    (`torchvision.transforms`), newer cores also for their detectors (`from torchvision.ops import
+    roi_align` in comfy/ldm/sam3/detector.py, `import torchvision` in comfy/ldm/rt_detr/rtdetr_v4.py).
+    When no real torchvision is importable (CPU-only machines have no usable wheel), register a
+    stand-in so that SD1.5/SDXL models, which never touch it, load: every `torchvision.*` module and
+    name imports, `transforms.functional.resize` works, anything else raises a clear error when
+    called. A real torchvision always wins. Returns whether the stand-in was installed."""
     if "torchvision" in sys.modules:
         return False
     try:
@@ -99,19 +150,22 @@ def install_torchvision_stand_in_if_missing() -> bool:
             size = [size, size]
         return F.interpolate(img, size=list(size), mode="bilinear", align_corners=False, antialias=antialias)
 
-    tv = types.ModuleType("torchvision")
-    tv.__comfy_selfnpo_stand_in__ = True
-    transforms = types.ModuleType("torchvision.transforms")
-    functional = types.ModuleType("torchvision.transforms.functional")
-    functional.resize = resize
-    transforms.functional = functional
-    tv.transforms = transforms
-    for module in (tv, transforms, functional):  # importlib.util.find_spec() needs a spec
-        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional})
+    finder = _StandInFinder()
+    sys.meta_path.insert(0, finder)
+    tv = finder.create_module(importlib.machinery.ModuleSpec("torchvision", finder, is_package=True))
+    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", finder, is_package=True)
+    sys.modules["torchvision"] = tv
+    importlib.import_module("torchvision.transforms.functional").resize = resize  # served by the finder
     log.warning("torchvision is not importable; using a minimal stand-in (SD1.5/SDXL do not need it).")
     return True
+
+
+def drop_torchvision_stand_in() -> None:
+    """Take the stand-in out of `sys.modules` and the import system (modules that imported it keep
+    their reference)."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _StandInFinder)]
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
 
 
 def _import_comfy_then_drop_stand_in() -> None:
@@ -122,8 +176,7 @@ def _import_comfy_then_drop_stand_in() -> None:
     import comfy.model_base  # noqa: F401  (cosmos, cascade)
     import comfy.sd  # noqa: F401  (ace, stage_c_coder)
 
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        del sys.modules[name]
+    drop_torchvision_stand_in()
     # transformers (imported by ComfyUI's text encoders) memoises its torchvision probe: re-probe.
     import_utils = sys.modules.get("transformers.utils.import_utils")
     for probe in ("is_torchvision_available", "is_torchvision_v2_available"):

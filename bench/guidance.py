@@ -2,15 +2,19 @@
 
 Routes, each sampled with KSampler's code path (nodes.common_ksampler) on the same model, noise and
 conditioning:
-  plain_cfg        plain CFG (no negative model): the reference
-  npo_separate     Apply Self-NPO, residency separate (the negative holds its own weights)
-  npo_batched      Apply Self-NPO, residency batched_lowrank (one copy of the weights)
-  comfy_hooks      ComfyUI's own route: the NPO LoRA as a weight hook on the negative conditioning
-                   (exact, but not supported by the dynamic-VRAM memory manager)
-Each route runs in a fresh process (clean memory statistics). Reported: time per sampling step (best
-of --repeats runs: the least disturbed by other processes on a shared CPU), peak
+  plain_cfg            plain CFG (no negative model): the reference for time and memory
+  <mode>_separate      Apply Self-NPO in that mode, residency separate (the negative holds its own weights)
+  <mode>_batched       the same, residency batched_lowrank (one copy of the weights)
+                       modes: npo, autoguidance (ag), cfg+autoguidance (cfg+ag)
+  npo_*_0-0.5          mode npo only for start_percent 0 to end_percent 0.5, plain CFG after
+  comfy_hooks          ComfyUI's own route: the NPO LoRA as a weight hook on the negative conditioning
+                       (exact for mode npo, but not supported by the dynamic-VRAM memory manager)
+Each route runs in a fresh process (clean memory statistics). Reported: diffusion-model forwards and
+batch rows per step (exact), time per sampling step (best of --repeats runs: the least disturbed by
+other processes on a shared CPU), peak
 memory (CUDA peak allocation on GPU, peak RSS growth on CPU), the weights held after setup, all as
-ratios to plain CFG, and each route's final latent against npo_separate (the routes must agree).
+ratios to plain CFG, and each route's final latent against the separate residency of the same mode
+and interval (the residencies must agree; comfy_hooks is compared with npo_separate).
 
   python bench/guidance.py                 # tiny SD1.5 and SDXL models on the CPU
   python bench/guidance.py --full-size     # SD1.5 and SDXL architectures, random fp16 weights, GPU
@@ -27,8 +31,34 @@ import resource
 import sys
 import time
 
+from dataclasses import dataclass  # noqa: E402
+
 from _boot import ROOT, boot_comfyui  # noqa: E402
-ROUTES = ("plain_cfg", "npo_separate", "npo_batched", "comfy_hooks")
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    residency: str | None = None  # None: no Self-NPO
+    mode: str = "npo"
+    interval: tuple = (0.0, 1.0)
+    comfy_hooks: bool = False     # ComfyUI's weight hooks on the negative conditioning instead
+    reference: str = "npo_separate"  # the route whose final latent this one must reproduce
+
+
+HALF = (0.0, 0.5)
+ROUTES = {r.name: r for r in (
+    Route("plain_cfg"),
+    Route("npo_separate", "separate"),
+    Route("npo_batched", "batched_lowrank"),
+    Route("ag_separate", "separate", "autoguidance", reference="ag_separate"),
+    Route("ag_batched", "batched_lowrank", "autoguidance", reference="ag_separate"),
+    Route("cfg+ag_separate", "separate", "cfg+autoguidance", reference="cfg+ag_separate"),
+    Route("cfg+ag_batched", "batched_lowrank", "cfg+autoguidance", reference="cfg+ag_separate"),
+    Route("npo_sep_0-0.5", "separate", interval=HALF, reference="npo_sep_0-0.5"),
+    Route("npo_bat_0-0.5", "batched_lowrank", interval=HALF, reference="npo_sep_0-0.5"),
+    Route("comfy_hooks", comfy_hooks=True),
+)}
 
 # SD1.5 and SDXL UNet configurations as ComfyUI detects them (comfy/model_detection.py)
 FULL_UNETS = {
@@ -113,7 +143,19 @@ def _weights_held(models) -> int:
     return total
 
 
-def run_route(route: str, kind: str, full_size: bool, steps: int, repeats: int, rank: int, queue) -> None:
+def _count_forwards(models):
+    """Forward passes of the diffusion models and the batch rows they compute (a cost measure that
+    CPU load cannot disturb)."""
+    counts = {"calls": 0, "rows": 0}
+
+    def count(module, args):
+        counts["calls"] += 1
+        counts["rows"] += args[0].shape[0]
+
+    return counts, [m.diffusion_model.register_forward_pre_hook(count) for m in models]
+
+
+def run_route(route: Route, kind: str, full_size: bool, steps: int, repeats: int, rank: int, queue) -> None:
     boot_comfyui(cpu=not full_size)
     import torch
     import comfy.hooks
@@ -137,20 +179,20 @@ def run_route(route: str, kind: str, full_size: bool, steps: int, repeats: int, 
     t0 = time.perf_counter()
     model, negative = positive_model, neg_cond
     held = [positive_model.model]
-    if route in ("npo_separate", "npo_batched"):
+    if route.residency is not None:
         npo = weights.npo_weights_from_state_dict(lora, "bench-npo")
         negative_model, _ = weights.make_negative_model(positive_model, npo)
-        model = guidance.apply_self_npo(positive_model, negative_model,
-                                        residency="separate" if route == "npo_separate" else "batched_lowrank")
+        model = guidance.apply_self_npo(positive_model, negative_model, residency=route.residency, mode=route.mode,
+                                        start_percent=route.interval[0], end_percent=route.interval[1])
         plan = guidance.get_plan(model)
         if plan.negative is not None:
             held.append(plan.negative.model)
-    elif route == "comfy_hooks":
+    elif route.comfy_hooks:
         hooks = comfy.hooks.create_hook_lora(lora, strength_model=1.0, strength_clip=0.0)
         negative = comfy.hooks.set_hooks_for_conditioning(neg_cond, hooks)
     setup_s = time.perf_counter() - t0
     extra_weights = sum(d.numel() * 4 for d in guidance.get_plan(model).deltas.values()) \
-        if route == "npo_batched" else 0
+        if route.residency == "batched_lowrank" else 0
 
     latent = {"samples": torch.zeros(1, 4, size, size)}
 
@@ -161,8 +203,11 @@ def run_route(route: str, kind: str, full_size: bool, steps: int, repeats: int, 
             torch.cuda.synchronize()
         return out["samples"]
 
+    forwards, handles = _count_forwards(held)
     with torch.inference_mode():
-        result = sample()  # warm-up: loads the models, builds caches
+        result = sample()  # warm-up: loads the models, builds caches; forwards counted here
+        for handle in handles:
+            handle.remove()
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
@@ -171,9 +216,39 @@ def run_route(route: str, kind: str, full_size: bool, steps: int, repeats: int, 
     peak = (torch.cuda.max_memory_allocated() - alloc0) if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     # best of the repeats: the run least disturbed by other processes
-    queue.put({"route": route, "kind": kind, "step_s": min(times), "peak_bytes": int(peak),
+    queue.put({"route": route.name, "kind": kind, "step_s": min(times), "peak_bytes": int(peak),
                "weights_bytes": _weights_held(held) + extra_weights, "setup_s": setup_s,
+               "forwards_per_step": forwards["calls"] / steps, "rows_per_step": forwards["rows"] / steps,
                "latent": result.float().cpu().tolist()})  # plain data: no shared-memory handles
+
+
+def _measure_kind(kind: str, routes: list[Route], args, steps: int) -> list[dict]:
+    """Every route on one architecture, each in a fresh process; rows with ratios to plain CFG."""
+    import torch
+
+    ctx = mp.get_context("spawn")
+    results = {}
+    for route in routes:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=run_route, args=(route, kind, args.full_size, steps, args.repeats, args.rank, queue))
+        proc.start()
+        results[route.name] = queue.get()
+        proc.join()
+    for r in results.values():
+        r["latent"] = torch.tensor(r["latent"])
+    base = results["plain_cfg"]
+    rows = []
+    for route in routes:
+        r = results[route.name]
+        ref = results[route.reference]["latent"]
+        rows.append({k: v for k, v in r.items() if k != "latent"} | {
+            "mode": route.mode if route.residency else None, "residency": route.residency,
+            "interval": list(route.interval), "reference": route.reference,
+            "step_ratio": r["step_s"] / base["step_s"],
+            "peak_ratio": r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] > 0 else None,
+            "weights_ratio": r["weights_bytes"] / base["weights_bytes"],
+            "rel_diff_vs_separate": float((r["latent"] - ref).abs().max() / ref.abs().max())})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -182,6 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
     parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 10 tiny, 20 full)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES),
+                        help="routes to run (plain_cfg and the references of the chosen routes always run)")
     parser.add_argument("--rank", type=int, default=None,
                         help="rank of the NPO LoRA (default 4 for the tiny models, whose layers are 32-64 wide; "
                              "32 full-size, within the 8-64 of the authors' releases)")
@@ -190,42 +267,20 @@ def main(argv=None) -> int:
     steps = args.steps or (20 if args.full_size else 10)
     args.rank = args.rank or (32 if args.full_size else 4)
 
-    ctx = mp.get_context("spawn")
-    rows = []
-    for kind in args.kinds:
-        results = {}
-        for route in ROUTES:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=run_route, args=(route, kind, args.full_size, steps, args.repeats, args.rank, queue))
-            proc.start()
-            results[route] = queue.get()
-            proc.join()
-        import torch
-
-        for r in results.values():
-            r["latent"] = torch.tensor(r["latent"])
-        base = results["plain_cfg"]
-        ref = results["npo_separate"]["latent"]
-        for route in ROUTES:
-            r = results[route]
-            diff = float((r["latent"] - ref).abs().max() / ref.abs().max())
-            rows.append({k: v for k, v in r.items() if k != "latent"} | {
-                "step_ratio": r["step_s"] / base["step_s"],
-                "peak_ratio": r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] > 0 else None,
-                "weights_ratio": r["weights_bytes"] / base["weights_bytes"],
-                "rel_diff_vs_npo_separate": diff})
-
+    names = ["plain_cfg"] + [n for n in ROUTES if n != "plain_cfg" and (
+        n in args.routes or any(ROUTES[r].reference == n for r in args.routes))]
+    rows = [row for kind in args.kinds for row in _measure_kind(kind, [ROUTES[n] for n in names], args, steps)]
     device = "cuda" if args.full_size else "cpu"
-    header = f"{'model':5} {'route':13} {'ms/step':>9} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} " \
+    header = f"{'model':5} {'route':15} {'fwd/step':>8} {'rows':>5} {'ms/step':>9} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} " \
              f"{'weights MiB':>11} {'x plain':>8} {'setup s':>8} {'rel.diff vs separate':>21}"
     print(f"Self-NPO guidance cost ({'full-size' if args.full_size else 'tiny'} models, {device}, "
           f"{steps} steps, NPO LoRA rank {args.rank})")
     print(header)
     for r in rows:
         peak_ratio = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "n/a"
-        print(f"{r['kind']:5} {r['route']:13} {r['step_s'] * 1e3:9.2f} {r['step_ratio']:8.2f} "
+        print(f"{r['kind']:5} {r['route']:15} {r['forwards_per_step']:8.1f} {r['rows_per_step']:5.1f} {r['step_s'] * 1e3:9.2f} {r['step_ratio']:8.2f} "
               f"{r['peak_bytes'] / 2**20:9.1f} {peak_ratio:>8} {r['weights_bytes'] / 2**20:11.1f} "
-              f"{r['weights_ratio']:8.2f} {r['setup_s']:8.2f} {r['rel_diff_vs_npo_separate']:21.2e}")
+              f"{r['weights_ratio']:8.2f} {r['setup_s']:8.2f} {r['rel_diff_vs_separate']:21.2e}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

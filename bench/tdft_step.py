@@ -13,6 +13,10 @@ max_memory_allocated; CPU: the process's peak RSS above its RSS after all import
 after the ComfyUI checkpoint (UNet, CLIP, VAE) is loaded, as a user has it before training; the
 authors' side counts its two UNets, as their script loads them).
 
+DiT rows (Wan 2.1 T2V, SD3.5) time this pack's trainer alone (the authors' loop is UNet-only): tiny
+models on the CPU; with --full-size, the Wan 2.1 1.3B and SD3.5-medium transformer bodies (random
+weights, bf16, gradient checkpointing) at 480 px × 17 frames and 1024 px.
+
   python bench/tdft_step.py               # tiny models on the CPU (default)
   python bench/tdft_step.py --full-size   # SD1.5 (512 px) and SDXL (1024 px) sizes, random weights, GPU
 Writes bench/results/tdft_step.json.
@@ -144,6 +148,68 @@ def authors_loop(spec: dict) -> dict:
 
 # ------------------------------------------------------------------ this pack's trainer
 
+# DiT families, measured with this pack's trainer alone (the authors' loop is a UNet loop). Full size:
+# the transformer body of Wan 2.1 T2V 1.3B and SD3.5 medium, random weights; their text inputs are as
+# wide as the tiny text encoders (only the input projections shrink), latents at 480 px / 17 frames
+# and 1024 px. The tiny rows are the test suite's tiny models.
+DIT_FAMILIES = ("wan21", "sd3")
+
+
+def _dit_unet_config(kind: str) -> dict:
+    from comfy_selfnpo.tiny_models import dits
+
+    if kind == "wan21":
+        return dict(dits._WAN_COMMON, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16)
+    return dict(dits.TinySD3.tiny_unet_config, depth=24, pos_embed_max_size=384, num_patches=147456,
+                x_block_self_attn_layers=list(range(13)), qk_norm="rms",
+                context_embedder_config={"target": "torch.nn.Linear",
+                                         "params": {"in_features": 4096, "out_features": 1536}})
+
+
+def _dit_model(kind: str, full_size: bool, device):
+    import torch
+
+    import comfy.model_management
+    import comfy.model_patcher
+    from comfy_selfnpo import tiny_models
+
+    ckpt = tiny_models.build_checkpoint(kind, seed=0)
+    if not full_size:
+        return ckpt.model, ckpt.clip
+    config = tiny_models.family(kind).config(_dit_unet_config(kind))
+    config.set_inference_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32, None)
+    model = config.get_model({})
+    tiny_models.seeded_init_(model.diffusion_model, 0)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    return patcher, ckpt.clip
+
+
+def ours_dit(spec: dict) -> dict:
+    """One TDFT step of a DiT family, data-free (video: 17-frame clips), LoRA or full weights."""
+    import tempfile
+
+    import torch
+
+    from comfy_selfnpo.training import PromptList, TDFTTrainer, make_config
+
+    device = torch.device(spec["device"])
+    model, clip = _dit_model(spec["family"], spec["size"].endswith("-full"), device)
+    global _RSS_BASELINE
+    _RSS_BASELINE = _current_rss()
+    cfg = make_config("lora-24gb" if spec["mode"] == "lora" else None, mode=spec["mode"], teacher="base",
+                      batch_size=spec["batch"], grad_accum=1, resolution=spec["latent"] * 8, frames=0,
+                      trajectory_buffer=spec["batch"], mixed_precision="bf16" if spec["amp"] else "no",
+                      gradient_checkpointing=spec["grad_ckpt"], learning_rate=1e-4, steps=10 ** 6)
+    trainer = TDFTTrainer(model, clip, None, PromptList(["a red cube", "a dog running"]), cfg,
+                          Path(tempfile.mkdtemp(prefix="tdft_bench_")) / "run", device=device)
+
+    def one_step():
+        r = trainer.train_step()
+        return r.teacher_s, r.student_s
+
+    return _measure(one_step, spec, device, params=sum(p.numel() for p in trainer.trained.parameters()))
+
 
 def ours(spec: dict) -> dict:
     import tempfile
@@ -190,8 +256,8 @@ def ours(spec: dict) -> dict:
                       batch_size=spec["batch"], resolution=res, learning_rate=1e-6 if spec["mode"] == "full" else 1e-4,
                       mixed_precision="fp16" if spec["amp"] else "no", gradient_checkpointing=spec["grad_ckpt"],
                       lora_rank=16, lora_alpha=16.0, lora_targets="attn", steps=10 ** 6)
+    # the trainer encodes the data when it is built: outside the timing
     trainer = TDFTTrainer(model, clip, vae, ImageCaptionFolder(folder, res), cfg, work / "run", device=device)
-    trainer._prepare()  # encode the data outside the timing
     comfy.model_management.soft_empty_cache()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -200,7 +266,7 @@ def ours(spec: dict) -> dict:
         r = trainer.train_step()
         return r.teacher_s, r.student_s
 
-    n_params = sum(p.numel() for p in trainer._trainable())
+    n_params = sum(p.numel() for p in trainer.trained.parameters())
     return _measure(one_step, spec, device, params=n_params)
 
 
@@ -255,6 +321,12 @@ def _specs(full_size: bool, device: str):
             out.append(dict(size, impl="authors", mode="full", w=w, device=device))
             out.append(dict(size, impl="ours", mode="full", w=w, device=device))
             out.append(dict(size, impl="ours", mode="lora", w=w, device=device))
+    for family in DIT_FAMILIES:  # full size: 480 px (Wan, 17 frames) / 1024 px (SD3.5), bf16, checkpointing
+        dit = dict(size="full" if full_size else "tiny", family=family, latent=(60 if family == "wan21" else 128)
+                   if full_size else 8, batch=1, amp=full_size, grad_ckpt=full_size, warmup=2,
+                   steps=4 if full_size else 5)
+        for mode in ("full", "lora"):
+            out.append(dict(dit, size=f"{family}-{dit['size']}", impl="ours", mode=mode, w=-1.0, device=device))
     return out
 
 
@@ -270,6 +342,8 @@ def run_one(spec: dict) -> dict:
     from comfy_selfnpo.training import trainer  # noqa: F401
     global _RSS_BASELINE
     _RSS_BASELINE = _current_rss()
+    if "family" in spec:
+        return ours_dit(spec)
     return authors_loop(spec) if spec["impl"] == "authors" else ours(spec)
 
 
@@ -292,7 +366,7 @@ def main(argv=None):
     if args.smoke:
         wanted = {tuple(x.split(":")) for x in args.smoke.split(",")}
         specs = [dict(s, latent=8, batch=1, warmup=0, steps=1, amp=False) for s in specs
-                 if (s["impl"], s["mode"], s["size"]) in wanted and s["w"] == -5.0]
+                 if (s["impl"], s["mode"], s["size"]) in wanted and (s["w"] == -5.0 or "family" in s)]
     rows = []
     for spec in specs:
         spec["threads"] = args.threads
@@ -309,20 +383,21 @@ def main(argv=None):
     if args.smoke:
         print(json.dumps(rows, indent=1))
         return 0
-    # ratios against the authors' loop of the same size and w
+    # ratios against the authors' loop of the same size and w (the DiT rows have none)
     for r in rows:
-        ref = next(x for x in rows if x["size"] == r["size"] and x["w"] == r["w"] and x["impl"] == "authors")
+        ref = next((x for x in rows if x["size"] == r["size"] and x["w"] == r["w"] and x["impl"] == "authors"), None)
         for key in ("teacher_s", "student_s", "step_s", "peak_bytes"):
-            r[f"{key}_ratio"] = r[key] / ref[key] if ref[key] else None
-    header = (f"{'size':5} {'impl':8} {'mode':5} {'w':>5} {'teacher s':>10} {'student s':>10} {'step s':>9} "
+            r[f"{key}_ratio"] = r[key] / ref[key] if ref and ref[key] else None
+    header = (f"{'size':11} {'impl':8} {'mode':5} {'w':>5} {'teacher s':>10} {'student s':>10} {'step s':>9} "
               f"{'peak MiB':>9} | {'teacher×':>8} {'student×':>8} {'step×':>6} {'mem×':>6}")
     print(f"TDFT step, device={device}, batch/latent per size; × = ours / authors' loop (lower is better)")
     print(header)
     print("-" * len(header))
+    ratio = lambda value, width: f"{value:{width}.2f}" if value is not None else f"{'-':>{width}}"  # noqa: E731
     for r in rows:
-        print(f"{r['size']:5} {r['impl']:8} {r['mode']:5} {r['w']:5.0f} {r['teacher_s']:10.4f} {r['student_s']:10.4f} "
-              f"{r['step_s']:9.4f} {r['peak_bytes'] / 2 ** 20:9.0f} | {r['teacher_s_ratio']:8.2f} "
-              f"{r['student_s_ratio']:8.2f} {r['step_s_ratio']:6.2f} {r['peak_bytes_ratio']:6.2f}")
+        print(f"{r['size']:11} {r['impl']:8} {r['mode']:5} {r['w']:5.0f} {r['teacher_s']:10.4f} {r['student_s']:10.4f} "
+              f"{r['step_s']:9.4f} {r['peak_bytes'] / 2 ** 20:9.0f} | {ratio(r['teacher_s_ratio'], 8)} "
+              f"{ratio(r['student_s_ratio'], 8)} {ratio(r['step_s_ratio'], 6)} {ratio(r['peak_bytes_ratio'], 6)}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "torch": torch.__version__, "threads": args.threads,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None}

@@ -50,19 +50,27 @@ class SelfNPONegativeModelLoader(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The positive model; the negative inherits all its patches."),
                 io.Combo.Input("npo_weights", options=list_npo_files(),
-                               tooltip="NPO weights: a LoRA (kohya or PEFT/diffusers, e.g. the authors' "
-                                       "Diffusion-NPO releases), a full offset (.diff) or a full UNet. "
-                                       "Listed from the self_npo, loras and diffusion_models folders."),
+                               tooltip="NPO weights: a LoRA (kohya, PEFT or diffusers names, e.g. the authors' "
+                                       "Diffusion-NPO releases), an offset (.diff) or a whole diffusion model "
+                                       "(UNet or DiT, ComfyUI or diffusers keys). Damaged files (NaN/inf, "
+                                       "LoRA ranks that disagree) are refused. Listed from the self_npo, loras "
+                                       "and diffusion_models folders."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="η: scale of the NPO offset."),
+                               tooltip="η: scale of the NPO offset (1.0: as trained; 0 is refused, it would "
+                                       "make the guidance plain CFG)."),
                 io.Float.Input("merge_weight", default=0.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="β: pulls the negative towards the base model, "
                                        "θ_neg = θ_pos + η·δ − β·(θ_pos − θ_base). Needs base_model when ≠ 0."),
                 io.Model.Input("base_model", optional=True,
                                tooltip="θ_base: the model the NPO weights were trained from (needed for a "
-                                       "merge weight ≠ 0; full-UNet files become an offset against it)."),
+                                       "merge weight ≠ 0; whole-model files become an offset against it)."),
             ],
-            outputs=[io.Model.Output(display_name="negative_model"), io.String.Output(display_name="report")],
+            outputs=[io.Model.Output(display_name="negative_model",
+                                     tooltip="The negative model, for 'Apply Self-NPO' / 'Self-NPO CFG Guider' (not "
+                                             "for sampling on its own: it shares its weights with the model)."),
+                     io.String.Output(display_name="report",
+                                      tooltip="What the file held and what was patched (format, weights, unmatched "
+                                              "keys).")],
         )
 
     @classmethod

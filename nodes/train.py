@@ -5,20 +5,41 @@ go to the `self_npo` models folder, so 'Self-NPO Negative Model' lists them at o
 checkpoint, loss log and previews go to `<output>/self_npo_training/<name>/` (kept out of the models
 folder so the loader never lists checkpoints). Running again with the same name resumes that
 checkpoint (or refuses, naming the hyper-parameters that differ).
+
+The preset's values travel with the node definition (`extra_dict` of the preset combo); the pack's
+frontend extension (web/selfnpo_train_presets.js) shows them in steps / learning_rate / lora_rank /
+teacher when a preset is picked. 0 (and teacher "preset") still means "the preset's value", so
+workflows saved before keep working.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
-from ..training.config import PRESETS
+from ..training.config import DEFAULT_PRESET, PRESETS, TDFTConfig, describe
 
 log = logging.getLogger("comfy_selfnpo")
 
 TEACHER_CHOICES = ["preset", "ema", "base"]
 RUNS_SUBFOLDER = "self_npo_training"
+PRESET_WIDGETS = ("steps", "learning_rate", "lora_rank", "teacher")  # what a preset fills in on the node
+
+
+def preset_widget_values() -> dict[str, dict]:
+    """Per preset: the values the node's widgets show for it (the preset's, else the TDFT default)."""
+    defaults = TDFTConfig()
+    return {name: {w: values.get(w, getattr(defaults, w)) for w in PRESET_WIDGETS} for name, values in PRESETS.items()}
+
+
+def input_subfolders() -> list[str]:
+    """"" (data-free) and every folder under ComfyUI's input/ (two levels), for the data picker."""
+    import folder_paths
+
+    root = Path(folder_paths.get_input_directory())
+    found = [p.relative_to(root).as_posix() for p in sorted(root.glob("*")) + sorted(root.glob("*/*")) if p.is_dir()]
+    return [""] + sorted(found)
 
 
 def run_paths(name: str):
@@ -53,6 +74,115 @@ def collect_overrides(steps, learning_rate, lora_rank, teacher, seed, save_every
     return values
 
 
+def data_source(input_folder: str, data_folder: str, prompts: str, config):
+    """The training data: a folder under input/ or any path (not both), else the prompts (data-free)."""
+    import folder_paths
+
+    from ..training.data import ImageCaptionFolder, PromptList
+
+    input_folder, data_folder = (input_folder or "").strip(), (data_folder or "").strip()
+    if input_folder and data_folder:
+        raise ValueError("Self-NPO Train: give the data as input_folder or as data_folder, not both")
+    if input_folder:
+        data_folder = str(Path(folder_paths.get_input_directory()) / input_folder)
+    if data_folder:
+        return ImageCaptionFolder(data_folder, config.resolution)
+    return PromptList((prompts or "").splitlines())
+
+
+_PRESET_HELP = ("sd15/sdxl: the authors' published full fine-tuning recipes; lora-*: a LoRA sized for 8/12/16/24 GB "
+                "GPUs (frozen base as teacher; attention layers and precision chosen per model family). Picking a "
+                "preset fills in steps, learning_rate, lora_rank and teacher.")
+
+
+def _inputs() -> list:
+    preset_value = "; picking a preset fills in its value (0 or 'preset' = the preset's)."
+    return [
+        io.Model.Input("model", tooltip="The model to train the negative of (never changed in place)."),
+        io.Clip.Input("clip", tooltip="Its text encoder (encodes captions and prompts)."),
+        io.String.Input("data_folder", default="",
+                        tooltip="Training data anywhere on disk (a path; or pick a folder of ComfyUI's input/ with "
+                                "input_folder): images (video models: also clips) with same-name .txt captions, "
+                                "kohya layout ('10_name' sub-folders repeat 10 times). Empty: data-free from the "
+                                "prompts below."),
+        io.String.Input("prompts", default="a photo of a cat\na landscape painting\na portrait of a person",
+                        multiline=True, tooltip="Data-free mode (no data folder): one prompt per line."),
+        io.Combo.Input("preset", options=list(PRESETS), default=DEFAULT_PRESET, tooltip=_PRESET_HELP,
+                       extra_dict={"selfnpo_presets": preset_widget_values()}),
+        io.Int.Input("steps", default=0, min=0, max=1_000_000, tooltip=describe("steps") + preset_value),
+        io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-7, round=False, advanced=True,
+                       tooltip=describe("learning_rate") + preset_value),
+        io.Int.Input("lora_rank", default=0, min=0, max=1024, advanced=True,
+                     tooltip=describe("lora_rank") + " (LoRA presets)" + preset_value),
+        io.Combo.Input("teacher", options=TEACHER_CHOICES, default="preset", advanced=True,
+                       tooltip=describe("teacher") + preset_value),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip=describe("seed")),
+        io.String.Input("output_name", default="self_npo_negative",
+                        tooltip="File name in models/self_npo (no extension). Running again with the same name "
+                                "resumes that run."),
+        io.Int.Input("save_every", default=100, min=0, max=1_000_000, advanced=True,
+                     tooltip=describe("save_every") + "; step files go to models/self_npo."),
+        io.Int.Input("preview_every", default=0, min=0, max=1_000_000, advanced=True,
+                     tooltip="Every N steps, show the first prompt sampled with plain CFG and with NPO-CFG in the "
+                             "node's progress preview (0 = never)."),
+        io.String.Input("overrides", default="", multiline=True, optional=True, advanced=True,
+                        tooltip="Any other TDFT hyper-parameter as `key = value` lines, e.g. batch_size = 2, "
+                                "resolution = 768, frames = 17, corruption_guidance = -1, mixed_precision = bf16."),
+        io.Vae.Input("vae", optional=True, tooltip="Needed for image or clip data (encodes them) and for decoded "
+                                                   "previews."),
+        io.Combo.Input("input_folder", options=input_subfolders(), default="", optional=True,
+                       tooltip="Training data picked from the folders of ComfyUI's input/ (instead of a "
+                               "data_folder path); empty: none."),
+    ]
+
+
+def _outputs() -> list:
+    return [
+        io.Model.Output(display_name="negative_model",
+                        tooltip="The trained negative model, for 'Self-NPO CFG Guider' / 'Apply Self-NPO'."),
+        io.String.Output(display_name="weights_path", tooltip="The saved weights file (in models/self_npo)."),
+        io.Image.Output(display_name="loss_curve", tooltip="The loss curve of the run (also shown on the node)."),
+        io.LoraModel.Output(display_name="lora", tooltip="LoRA runs: the trained LoRA as core's LORA_MODEL (for "
+                                                         "'Load LoRA Model' / 'Save LoRA Weights'); empty for full "
+                                                         "fine-tuning (GBs: its offset is in weights_path)."),
+        io.LossMap.Output(display_name="loss_map", tooltip="The loss of every step as core's LOSS_MAP (for 'Plot "
+                                                           "Loss Graph')."),
+    ]
+
+
+class NodeProgress:
+    """ComfyUI's progress bar and cancel button for a run: steps, previews and the one-time data
+    preparation report into the bar; a cancel ends the run at the next step (after a checkpoint)."""
+
+    def __init__(self, total: int):
+        import comfy.model_management as mm
+        import comfy.utils
+
+        self.mm, self.total, self.cancelled = mm, total, False
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def should_stop(self) -> bool:
+        # not the raising check: the trainer must save its checkpoint before the interrupt goes up
+        return self.cancelled or self.mm.processing_interrupted()
+
+    def _report(self, update) -> None:
+        # the server's progress hook raises InterruptProcessingException on cancel: remember it and let
+        # should_stop() end the run cleanly at the step boundary
+        try:
+            update()
+        except self.mm.InterruptProcessingException:
+            self.cancelled = True
+
+    def step(self, progress) -> None:
+        self._report(lambda: self.bar.update_absolute(progress.step, progress.total))
+
+    def preview(self, image, step: int) -> None:
+        self._report(lambda: self.bar.update_absolute(step, self.total, ("PNG", image, 512)))
+
+    def prepare(self, done: int, total: int) -> None:
+        self._report(lambda: self.bar.update_absolute(done, total))
+
+
 class SelfNPOTrainTDFT(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -60,64 +190,20 @@ class SelfNPOTrainTDFT(io.ComfyNode):
             node_id="SelfNPOTrainTDFT",
             display_name="Self-NPO Train (TDFT)",
             category="training/self_npo",
+            search_aliases=["NPO", "Self-NPO", "Diffusion-NPO", "negative LoRA", "train negative model", "TDFT",
+                            "autoguidance", "negative preference"],
             description="Trains the Self-NPO negative model with truncated diffusion fine-tuning (TDFT): the "
                         "model is fine-tuned on its own corrupted generations (K teacher steps per sample). "
                         "Saves to models/self_npo; rerunning with the same name resumes. Cancel saves a "
                         "resumable checkpoint.",
             is_output_node=True,
-            inputs=[
-                io.Model.Input("model", tooltip="The model to train the negative of (never changed in place)."),
-                io.Clip.Input("clip", tooltip="Its text encoder (encodes captions/prompts)."),
-                io.String.Input("data_folder", default="",
-                                tooltip="Folder of images with same-name .txt captions (kohya layout). Leave "
-                                        "empty to train data-free from the prompts below."),
-                io.String.Input("prompts", default="a photo of a cat\na landscape painting\na portrait of a person",
-                                multiline=True,
-                                tooltip="Data-free mode (used when data_folder is empty): one prompt per line."),
-                io.Combo.Input("preset", options=list(PRESETS), default="lora-12gb",
-                               tooltip="sd15/sdxl: the authors' published full fine-tuning recipes; lora-*: "
-                                       "LoRA sized for 8/12/16/24 GB GPUs (frozen base as teacher)."),
-                io.Int.Input("steps", default=0, min=0, max=1_000_000,
-                             tooltip="Optimizer steps (0 = the preset's, 1000)."),
-                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=1e-7, round=False,
-                               tooltip="0 = the preset's (1e-6 SD1.5, 1e-7 SDXL, 1e-4 LoRA)."),
-                io.Int.Input("lora_rank", default=0, min=0, max=1024, tooltip="LoRA presets only; 0 = the preset's."),
-                io.Combo.Input("teacher", options=TEACHER_CHOICES, default="preset",
-                               tooltip="ema: EMA of the student (the paper); base: the frozen initial model "
-                                       "(cheaper)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False),
-                io.String.Input("output_name", default="self_npo_negative",
-                                tooltip="File name in models/self_npo (no extension). The same name resumes."),
-                io.Int.Input("save_every", default=100, min=0, max=1_000_000,
-                             tooltip="Resumable checkpoint every N steps (0 = only at the end or on cancel)."),
-                io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
-                             tooltip="Every N steps, show the first prompt sampled with plain CFG and with "
-                                     "NPO-CFG in the progress preview (0 = never)."),
-                io.String.Input("overrides", default="", multiline=True, optional=True,
-                                tooltip="Any other TDFT hyper-parameter as `key = value` lines, e.g. "
-                                        "batch_size = 2, resolution = 768, truncation_steps = 5, "
-                                        "corruption_guidance = -1, mixed_precision = bf16."),
-                io.Vae.Input("vae", optional=True, tooltip="Needed for image data (encodes the images) and "
-                                                           "for decoded previews."),
-            ],
-            outputs=[
-                io.Model.Output(display_name="negative_model",
-                                tooltip="The trained negative model, for 'Self-NPO CFG Guider' / 'Apply Self-NPO'."),
-                io.String.Output(display_name="weights_path", tooltip="The saved weights file."),
-                io.Image.Output(display_name="loss_curve"),
-            ],
+            inputs=_inputs(),
+            outputs=_outputs(),
         )
 
     @classmethod
-    def execute(cls, model, clip, data_folder, prompts, preset, steps, learning_rate, lora_rank, teacher,
-                seed, output_name, save_every, preview_every, overrides="", vae=None) -> io.NodeOutput:
-        import comfy.model_management as mm
-        import comfy.utils
-
-        from ..training.data import ImageCaptionFolder, PromptList
-        from ..training.errors import TrainingCancelled
-        from ..training.run_files import image_to_tensor
-        from ..training.session import SessionOptions, TrainingOutOfMemory, TrainingSession
+    def execute(cls, model, clip, data_folder, prompts, preset, steps, learning_rate, lora_rank, teacher, seed,
+                output_name, save_every, preview_every, overrides="", vae=None, input_folder="") -> io.NodeOutput:
         from ..training.settings import build_config
 
         paths, name = run_paths(output_name)
@@ -126,50 +212,54 @@ class SelfNPOTrainTDFT(io.ComfyNode):
                                                             save_every, overrides or ""))
         except ValueError as e:
             raise ValueError(f"Self-NPO Train: {e}") from None
-        if data_folder and data_folder.strip():
-            data = ImageCaptionFolder(data_folder.strip(), config.resolution)
-        else:
-            data = PromptList((prompts or "").splitlines())
-
-        cancelled = {"flag": False}
-        pbar = comfy.utils.ProgressBar(config.steps)
-
-        def should_stop() -> bool:
-            # Not the raising check: the trainer must save its checkpoint before the interrupt goes up.
-            return cancelled["flag"] or mm.processing_interrupted()
-
-        def report(update):
-            # The server's progress hook raises InterruptProcessingException on cancel; remember it and
-            # let should_stop() end the run cleanly at the step boundary.
-            try:
-                update()
-            except mm.InterruptProcessingException:
-                cancelled["flag"] = True
-
-        def on_step(progress):
-            report(lambda: pbar.update_absolute(progress.step, progress.total))
-
-        def on_preview(image, step):
-            report(lambda: pbar.update_absolute(step, config.steps, ("PNG", image, 512)))
-
-        options = SessionOptions(resume=True, preview_every=preview_every, preview_seed=seed,
-                                 on_step=on_step, on_preview=on_preview, should_stop=should_stop,
-                                 extra_summary={"node": "SelfNPOTrainTDFT", "name": name})
-        session = TrainingSession(model, clip, vae, data, config, paths, options)
-        try:
-            trainer = session.prepare()
-            pbar.update_absolute(trainer.step, config.steps)
-            result = session.run()
-        except TrainingCancelled as e:
-            log.warning("Self-NPO Train: %s", e)
-            mm.interrupt_current_processing(False)
-            raise mm.InterruptProcessingException() from e
-        except TrainingOutOfMemory as e:
-            raise RuntimeError(f"Self-NPO Train: {e}") from e
-        finally:
-            mm.soft_empty_cache()
+        data = data_source(input_folder, data_folder, prompts, config)
+        trainer, result = _train(model, clip, vae, data, config, paths, name, preview_every, seed)
         _refresh_loader_list()
-        return io.NodeOutput(trainer.negative_model(), str(result.weights), image_to_tensor(result.loss_image))
+        return _outputs_of(trainer, result)
+
+
+def _train(model, clip, vae, data, config, paths, name, preview_every, seed):
+    import comfy.model_management as mm
+
+    from ..training.errors import OutOfMemory, TrainingCancelled
+    from ..training.session import SessionOptions, TrainingSession
+
+    progress = NodeProgress(config.steps)
+    options = SessionOptions(resume=True, preview_every=preview_every, preview_seed=seed, on_step=progress.step,
+                             on_preview=progress.preview, should_stop=progress.should_stop,
+                             on_prepare=progress.prepare, extra_summary={"node": "SelfNPOTrainTDFT", "name": name})
+    session = TrainingSession(model, clip, vae, data, config, paths, options)
+    try:
+        trainer = session.prepare()
+        progress.bar.update_absolute(trainer.step, config.steps)
+        return trainer, session.run()
+    except TrainingCancelled as e:
+        log.warning("Self-NPO Train: %s", e)
+        mm.interrupt_current_processing(False)
+        raise mm.InterruptProcessingException() from e
+    except OutOfMemory as e:
+        raise RuntimeError(f"Self-NPO Train: {e}") from e
+    finally:
+        session.close()
+        mm.soft_empty_cache()
+
+
+def run_report(result) -> str:
+    """What the node shows under its outputs when the run is done."""
+    s = result.summary
+    loss = f"{s['final_loss']:.4g}" if s.get("final_loss") is not None else "-"
+    resumed = f", resumed from step {s['resumed_from_step']}" if s.get("resumed_from_step") is not None else ""
+    return (f"{s['step']}/{s['steps']} steps{resumed} in {s['seconds']:.0f} s, final loss {loss}\n"
+            f"weights: {Path(result.weights).name} (models/self_npo)\nrun files: {Path(s['paths']['loss_csv']).parent}")
+
+
+def _outputs_of(trainer, result) -> io.NodeOutput:
+    from ..training.run_files import image_to_tensor
+
+    curve = image_to_tensor(result.loss_image)
+    shown = {**ui.PreviewImage(curve).as_dict(), **ui.PreviewText(run_report(result)).as_dict()}
+    return io.NodeOutput(trainer.negative_model(), str(result.weights), curve, trainer.trained.lora_model(),
+                         {"loss": [float(r["loss"]) for r in result.loss_rows]}, ui=shown)
 
 
 def _refresh_loader_list() -> None:

@@ -9,8 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import safetensors.torch
 import torch
+from PIL import Image
 
 from conftest import PACK_ROOT
 
@@ -67,8 +70,10 @@ def digest(path: Path) -> str:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under `folder` (to prove nothing was damaged)."""
-    return {str(p.relative_to(folder)): digest(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    """relative path -> sha256 of every file under `folder` (to prove nothing was damaged), but for the
+    run-folder lock, which records who held it last."""
+    return {str(p.relative_to(folder)): digest(p) for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != ".selfnpo.lock"}
 
 
 def uncond_prediction(model, clip, seed: int = 0, sigma: float = 2.0, size: int = 8) -> torch.Tensor:
@@ -83,3 +88,36 @@ def uncond_prediction(model, clip, seed: int = 0, sigma: float = 2.0, size: int 
     comfy.model_management.load_models_gpu([model], force_full_load=True)
     with torch.no_grad():
         return model.model.apply_model(x, torch.tensor([sigma]), c_crossattn=cond).float().cpu()
+
+
+# ------------------------------------------------------------------ the CLI in-process
+
+@pytest.fixture
+def files(tmp_path, tiny):
+    """A tiny on-disk checkpoint and a prompts file."""
+    tiny.save_checkpoint(str(tmp_path / "tiny.safetensors"), "sd15", seed=0)
+    write_prompts(tmp_path)
+    return tmp_path
+
+
+def run(capsys, *args) -> tuple[int, str]:
+    """`comfy-selfnpo-train` in-process (the console script's code, without ~4 s of imports per call)."""
+    from comfy_selfnpo.training import cli
+
+    code = cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    print(err)  # shown by pytest when an assertion fails
+    return code, err
+
+
+def base_args(files: Path, out: Path, *extra, steps=2, data=None):
+    data_args = ["--data", data] if data is not None else ["--prompts", files / "prompts.txt"]
+    return ["--checkpoint", files / "tiny.safetensors", *data_args, *TINY_HPARAMS, "--steps", steps,
+            "--save-every", 1, "--seed", 1, "--output", out, *extra]
+
+
+def write_image(path: Path, seed: int, caption: str | None = None):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption)

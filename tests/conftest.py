@@ -108,7 +108,7 @@ def comfy_registry():
 def comfy_dirs(tmp_path, tiny):
     """Temporary ComfyUI model/input/output folders. Returns a dict name -> Path."""
     dirs = {}
-    for name in ("checkpoints", "loras", "diffusion_models", "vae", "self_npo"):
+    for name in ("checkpoints", "loras", "diffusion_models", "text_encoders", "vae", "self_npo"):
         path = tmp_path / "models" / name
         path.mkdir(parents=True)
         folder_paths.folder_names_and_paths[name] = ([str(path)], set(folder_paths.supported_pt_extensions))

@@ -1,8 +1,9 @@
 """A tiny positive model, an NPO LoRA for it, and the same two models built independently by hand.
 
-The guided prediction at every step is compared with uncond(negative) + cfg·(cond(positive) −
-uncond(negative)) evaluated on `pos_ind` / `neg_ind`: fresh modules whose weights were set directly
-(θ and θ + η·δ), sharing nothing with ComfyUI's patching, cloning or loading.
+The guided prediction at every step is compared with the formula of its guidance mode (e.g. npo:
+uncond(negative) + cfg·(cond(positive) − uncond(negative))) evaluated on `pos_ind` / `neg_ind`: fresh
+modules whose weights were set directly (θ and θ + η·δ), sharing nothing with ComfyUI's patching,
+cloning or loading.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ STRENGTH = 1.5
 CFG = 4.0
 STEPS = 4
 SEED = 5
+AG_SCALE = 1.5  # g_ag of mode cfg+autoguidance in the tests
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Setup:
     neg_ind: object
     positive: list
     negative: list
+    latent_shape: tuple = (1, 4, 8, 8)
 
     @property
     def model(self):
@@ -96,28 +99,145 @@ def hand_cfg(s: Setup, step, cfg=CFG, negative_model=None):
     return d_neg + cfg * (d_pos - d_neg)
 
 
+@torch.no_grad()
+def hand_guided(s: Setup, step, mode: str, cfg=CFG, ag_scale=AG_SCALE):
+    """Each mode's guided prediction written out from its formula (issue 11) on the two independent
+    models; "plain" is plain CFG on the positive model. At cfg 1 ComfyUI passes no negative prompt:
+    the c_neg terms cancel, so they are left out."""
+    x, sigma, c, c_neg = step["x"], step["sigma"], step["cond"], step["uncond"]
+    d_pos = lambda conds: predict(s.pos_ind, conds, x, sigma)
+    d_neg = lambda conds: predict(s.neg_ind, conds, x, sigma)
+    if c_neg is None:
+        assert cfg == 1.0
+        return d_pos(c) + ag_scale * (d_pos(c) - d_neg(c)) if mode == "cfg+autoguidance" else d_pos(c)
+    if mode == "npo":
+        return d_neg(c_neg) + cfg * (d_pos(c) - d_neg(c_neg))
+    if mode == "autoguidance":
+        return d_neg(c) + cfg * (d_pos(c) - d_neg(c))
+    if mode == "cfg+autoguidance":
+        return d_pos(c_neg) + cfg * (d_pos(c) - d_pos(c_neg)) + ag_scale * (d_pos(c) - d_neg(c))
+    assert mode == "plain"
+    return d_pos(c_neg) + cfg * (d_pos(c) - d_pos(c_neg))
+
+
 def rel_err(a, b) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def latent(size=8):
-    return {"samples": torch.zeros(1, 4, size, size)}
+def latent(shape=(1, 4, 8, 8)):
+    return {"samples": torch.zeros(shape)}
 
 
 def ksample(model, s: Setup, cfg=CFG, positive=None, negative=None, steps=STEPS):
     (out,) = nodes.common_ksampler(model, SEED, steps, cfg, "euler", "normal",
-                                   positive or s.positive, negative or s.negative, latent())
+                                   positive or s.positive, negative or s.negative, latent(s.latent_shape))
     return out["samples"]
 
 
-def guider_sample(guider, s: Setup, cfg=CFG, positive=None, negative=None, steps=STEPS):
-    """What SamplerCustomAdvanced does with a GUIDER, a sampler and sigmas."""
+def guider_sample(guider, s: Setup, cfg=CFG, positive=None, negative=None, steps=STEPS, sigmas=None):
+    """What SamplerCustomAdvanced does with a GUIDER, a sampler and sigmas (default: `steps` of the
+    normal scheduler)."""
     guider.set_conds(positive or s.positive, negative or s.negative)
     guider.set_cfg(cfg)
-    lat = latent()["samples"]
+    lat = latent(s.latent_shape)["samples"]
     noise = comfy.sample.prepare_noise(lat, SEED)
-    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
+    if sigmas is None:
+        sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
     sampler = comfy.samplers.sampler_object("euler")
     return guider.sample(noise, lat, sampler, sigmas, disable_pbar=True, seed=SEED)
 
 
+
+
+# --- flow DiTs and video models ---------------------------------------------------------------------
+
+def dit_lora_offset(patcher, seed: int, rank: int = 4, alpha: float = 2.0, scale: float = 0.5) -> npo_files.LowRankOffset:
+    """A random low-rank offset δ on every attention projection (a Linear weight under a module
+    named *attn* / *attention*) of a tiny DiT, and on its first convolution (the patch embedding
+    of SD3, Wan, HunyuanVideo 1.5) where it has one."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = patcher.model.state_dict()
+    keys = [k for k, w in sd.items() if k.startswith("diffusion_model.") and k.endswith(".weight") and w.ndim == 2
+            and any(part.endswith(("attn", "attn1", "attn2", "attention")) for part in k.split("."))]
+    keys += [k for k, w in sd.items() if k.startswith("diffusion_model.") and w.ndim >= 4][:1]
+    factors = {}
+    for key in keys:
+        w = sd[key]
+        up = torch.randn(w.shape[0], rank, generator=gen) * scale / rank ** 0.5
+        down = torch.randn((rank,) + tuple(w.shape[1:]), generator=gen) / w[0].numel() ** 0.5
+        factors[key] = (up.reshape((w.shape[0], rank) + (1,) * (w.ndim - 2)), down, alpha)
+    assert len(factors) >= 4, keys
+    return npo_files.LowRankOffset(factors)
+
+
+def native_lora_state_dict(offset: npo_files.LowRankOffset) -> dict:
+    """The offset as a LoRA in ComfyUI-native names (`diffusion_model.<module>.lora_up.weight`)."""
+    out = {}
+    for key, (up, down, alpha) in offset.factors.items():
+        stem = key[: -len(".weight")]
+        out.update({f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down, f"{stem}.alpha": torch.tensor(alpha)})
+    return out
+
+
+def with_lora(model, lora: dict, strength: float):
+    """`model` + a LoRA state dict, applied as ComfyUI's LoRA loader applies one (comfy.lora key map
+    and patches on a clone); every LoRA entry must land on a weight."""
+    import comfy.lora
+
+    patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model.model, {}), log_missing=False)
+    modules = {k.rpartition(".lora_")[0] for k in lora if ".lora_" in k}
+    assert patches and len(patches) == len(modules), "LoRA modules that match no weight"
+    clone = model.clone()
+    assert len(clone.add_patches(patches, strength)) == len(patches)
+    return clone
+
+
+@dataclass
+class FamilySetup:
+    """A tiny DiT or video model (one expert of a model with several), an NPO LoRA for it in
+    ComfyUI-native names, and the hand-built pair: fresh modules holding θ and θ + η·δ."""
+    kind: str
+    model: object
+    clip: object
+    offset: npo_files.LowRankOffset
+    pos_ind: object
+    neg_ind: object
+    positive: list
+    negative: list
+    latent_shape: tuple
+
+    def negative_model(self, strength=STRENGTH):
+        return with_lora(self.model, native_lora_state_dict(self.offset), strength)
+
+    def encode(self, text):
+        return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+
+
+@lru_cache(maxsize=None)
+def _family_checkpoint(kind: str):
+    return tiny_models.build_checkpoint(kind, seed=3)
+
+
+@lru_cache(maxsize=None)
+def family_setup(kind: str, expert: str | None = None, lora_seed: int = 1) -> FamilySetup:
+    """`expert`: which diffusion model of a kind with several (wan22_a14b); None: the first."""
+    ckpt = _family_checkpoint(kind)
+    model = ckpt.experts[expert] if expert else ckpt.model
+    offset = dit_lora_offset(model, seed=lora_seed)
+    pos_ind = independent_model_with(kind, expert, {})
+    dense = offset.dense(model.model.state_dict())
+    neg_ind = independent_model_with(kind, expert, {k: STRENGTH * d for k, d in dense.items()})
+    s = FamilySetup(kind, model, ckpt.clip, offset, pos_ind, neg_ind, None, None, tiny_models.family(kind).sample_latent)
+    s.positive = s.encode("a red cube")
+    s.negative = s.encode("")
+    return s
+
+
+def independent_model_with(kind: str, expert: str | None, changes: dict):
+    """A fresh build of the kind's (expert's) model with θ + changes[key] set directly."""
+    built = tiny_models.build_experts(kind, seed=3)
+    patcher = built[expert or next(iter(built))]
+    sd = patcher.model.state_dict()
+    patcher.model.load_state_dict({k: sd[k] + d for k, d in changes.items()}, strict=False)
+    return patcher

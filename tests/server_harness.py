@@ -22,16 +22,15 @@ NODE_CLASS_MAPPINGS = {}
 
 
 # Written only when no real torchvision is importable (CPU-only machines have no usable wheel):
-# comfy.sd imports it at start-up although SD1.5/SDXL never use it (see ../shared/COMFYUI.md).
-_TORCHVISION_STAND_IN = {
-    "torchvision/__init__.py": "from . import transforms\n",
-    "torchvision/transforms/__init__.py": "from . import functional\n",
-    "torchvision/transforms/functional.py": (
-        "import torch.nn.functional as F\n"
-        "def resize(img, size, interpolation=None, antialias=True):\n"
-        "    size = [size, size] if isinstance(size, int) else list(size)\n"
-        "    return F.interpolate(img, size=size, mode='bilinear', align_corners=False, antialias=antialias)\n"),
-}
+# ComfyUI imports it at start-up although SD1.5/SDXL never use it. The server process then installs
+# the pack's own stand-in (comfyui_env.install_torchvision_stand_in_if_missing) before anything else.
+_SITECUSTOMIZE = """
+import importlib.util
+spec = importlib.util.spec_from_file_location("_selfnpo_comfyui_env", {path!r})
+env = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(env)
+env.install_torchvision_stand_in_if_missing()
+"""
 
 
 def _real_torchvision_importable() -> bool:
@@ -74,9 +73,8 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if not _real_torchvision_importable():
             stand_in = self.base / "torchvision_stand_in"
-            for rel, text in _TORCHVISION_STAND_IN.items():
-                (stand_in / rel).parent.mkdir(parents=True, exist_ok=True)
-                (stand_in / rel).write_text(text)
+            stand_in.mkdir(exist_ok=True)
+            (stand_in / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(path=str(self.pack_root / "comfyui_env.py")))
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stand_in), env.get("PYTHONPATH")]))
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_root), stdout=self.log, stderr=subprocess.STDOUT,
@@ -96,8 +94,11 @@ class ComfyServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def get(self, path: str):
+        return json.loads(self.get_bytes(path))
+
+    def get_bytes(self, path: str) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return json.loads(r.read())
+            return r.read()
 
     def post(self, path: str, payload: dict):
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),

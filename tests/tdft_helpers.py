@@ -25,12 +25,16 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def base_prediction(model_patcher, x, sigma, cond: dict):
+    """The MODEL's x0-prediction for one prompt's inputs (`trainer.to_model_cond`) on every row of x."""
     import comfy.model_management
+
+    from comfy_selfnpo.training.conditioning import ROW_CONSTANTS
 
     comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
     with torch.no_grad():
         s = torch.full((x.shape[0],), float(sigma))
-        c = {k: v.expand(x.shape[0], *v.shape[1:]) for k, v in cond.items()}
-        return model_patcher.model.apply_model(x, s, **c).float()
+        constants = (cond.get(ROW_CONSTANTS) or [{}])[0]
+        c = {k: v.expand(x.shape[0], *v.shape[1:]) for k, v in cond.items() if k != ROW_CONSTANTS}
+        return model_patcher.model.apply_model(x, s, **constants, **c).float()
 
 

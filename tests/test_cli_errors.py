@@ -12,35 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_setup import TINY_HPARAMS, snapshot, summary, write_prompts
+from cli_setup import TINY_HPARAMS, base_args, files, run, snapshot, summary, write_image, write_prompts  # noqa: F401
 from comfy_selfnpo.training import cli
-
-
-@pytest.fixture
-def files(tmp_path, tiny):
-    tiny.save_checkpoint(str(tmp_path / "tiny.safetensors"), "sd15", seed=0)
-    write_prompts(tmp_path)
-    return tmp_path
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    code = cli.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    print(err)  # shown by pytest when an assertion fails
-    return code, err
-
-
-def base_args(files: Path, out: Path, *extra, steps=2, data=None):
-    data_args = ["--data", data] if data is not None else ["--prompts", files / "prompts.txt"]
-    return ["--checkpoint", files / "tiny.safetensors", *data_args, *TINY_HPARAMS, "--steps", steps,
-            "--save-every", 1, "--seed", 1, "--output", out, *extra]
-
-
-def write_image(path: Path, seed: int, caption: str | None = None):
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption)
 
 
 # ------------------------------------------------------------------ model files
@@ -137,7 +110,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(files, capsys, monk
     monkeypatch.setattr(os, "fsync", fsync_disk_full)
     code, err = run(capsys, *base_args(files, out, "--resume", steps=4))
     assert code == cli.EXIT_WRITE
-    assert "disk is full" in err and "previous checkpoint" in err
+    assert "disk is full" in err and "resumable checkpoint of step 2" in err and "is intact" in err
     after = snapshot(out)
     for name in ("checkpoint/state.pt", "self_npo.safetensors"):
         assert after[name] == before[name], name  # intact, byte for byte
@@ -180,16 +153,17 @@ def test_resume_without_a_checkpoint(files, capsys):
 # ------------------------------------------------------------------ memory
 
 def test_out_of_memory_saves_a_checkpoint_and_prints_a_hint(files, capsys, monkeypatch):
-    from comfy_selfnpo.training.trainer import TDFTTrainer
+    from comfy_selfnpo.training.trained import LoRAWeights
 
-    real_micro_batch = TDFTTrainer._micro_batch
+    real_forward, calls = LoRAWeights.student_forward, []
 
-    def micro_batch_then_oom(self):  # the second step's forward pass does not fit
-        if self.step == 1:
+    def forward_then_oom(self, *args):  # the second step's student forward pass does not fit
+        calls.append(1)
+        if len(calls) == 3:  # call 1: the trainer's set-up probe, call 2: step 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_micro_batch(self)
+        return real_forward(self, *args)
 
-    monkeypatch.setattr(TDFTTrainer, "_micro_batch", micro_batch_then_oom)
+    monkeypatch.setattr(LoRAWeights, "student_forward", forward_then_oom)
     out = files / "out"
     code, err = run(capsys, *base_args(files, out, "--save-every", 0, steps=3))
     assert code == cli.EXIT_OOM
@@ -250,7 +224,7 @@ def test_bad_arguments(files, capsys):
 
 def test_separate_diffusion_model_and_vae_files_replace_the_checkpoint_parts(files, capsys, tiny):
     import comfy.utils
-    from comfy_selfnpo.training.trainer import base_model_hash
+    from comfy_selfnpo.training.identity import model_identity
 
     other = tiny.build_checkpoint("sd15", seed=3)
     comfy.utils.save_torch_file(other.model.model.diffusion_model.state_dict(), str(files / "unet.safetensors"))
@@ -261,8 +235,8 @@ def test_separate_diffusion_model_and_vae_files_replace_the_checkpoint_parts(fil
     assert code == cli.EXIT_OK, err
     s = summary(out)
     assert s["model"] == "checkpoint tiny.safetensors, diffusion model unet.safetensors, VAE vae.safetensors"
-    assert s["base_model_hash"] == base_model_hash(other.model)  # trained the separate UNet ...
-    assert s["base_model_hash"] != base_model_hash(tiny.build_model("sd15", seed=0))  # ... not the checkpoint's
+    assert s["base_model_hash"] == model_identity(other.model)  # trained the separate UNet ...
+    assert s["base_model_hash"] != model_identity(tiny.build_model("sd15", seed=0))  # ... not the checkpoint's
 
     (files / "bad_vae.safetensors").write_bytes(b"\x00" * 64)
     code, err = run(capsys, *base_args(files, files / "out2"), "--vae", files / "bad_vae.safetensors")
@@ -273,7 +247,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(files, capsys)
     out = files / "out"
     code, err = run(capsys, *base_args(files, out, steps=6), "--learning-rate", "1e30", "--max-grad-norm", "0")
     assert code == cli.EXIT_NONFINITE
-    assert "the TDFT loss became" in err and "Lower the learning rate" in err
+    assert "the TDFT loss became" in err and "lower the learning rate" in err
     s = summary(out)
     assert s["status"] == "non_finite_loss" and 1 <= s["step"] < 6
     import torch as _torch

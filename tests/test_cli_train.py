@@ -93,6 +93,41 @@ def test_cli_weights_load_through_comfyui_lora_loader_and_the_negative_model_loa
     assert torch.equal(uncond_prediction(model, clip), base_pred)  # the base MODEL was left alone
 
 
+def test_cli_every_save_exports_usable_step_weights_and_keeps_the_last_few(full_run, workdir, comfy_dirs,
+                                                                         comfy_registry):
+    out, _ = full_run  # 8 steps, a save every 2, keep_last at its default 3
+    from comfy_selfnpo.nodes.negative_model import SelfNPONegativeModelLoader
+    from comfy_selfnpo.training.config import TDFTConfig
+
+    assert TDFTConfig().keep_last == 3
+    names = sorted(p.name for p in out.glob("neg-step*.safetensors"))
+    assert names == ["neg-step000004.safetensors", "neg-step000006.safetensors", "neg-step000008.safetensors"]
+    last, final = weights(out / names[-1]), weights(out / "neg.safetensors")
+    assert all(torch.equal(last[k], final[k]) for k in final)  # the last save is the final weights
+    earlier = weights(out / names[0])
+    assert any(not torch.equal(earlier[k], final[k]) for k in final)  # an earlier step is its own
+    meta = __import__("safetensors").safe_open(str(out / names[0]), "pt").metadata()
+    assert meta["comfy_selfnpo.steps"] == "4"
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(workdir / "tiny_sd15.safetensors"))
+    lora_model, _ = comfy.sd.load_lora_for_models(model, clip, earlier, 1.0, 0.0)
+    assert len(lora_model.patches) == sum(1 for k in earlier if k.endswith(".lora_down.weight")) > 0
+    shutil.copy(out / names[0], comfy_dirs["self_npo"] / names[0])
+    negative = SelfNPONegativeModelLoader.execute(model, f"self_npo/{names[0]}", 1.0, 0.0).result[0]
+    change = (uncond_prediction(negative, clip) - uncond_prediction(model, clip)).abs().max()
+    assert change > 1e-5
+    torch.testing.assert_close(uncond_prediction(negative, clip), uncond_prediction(lora_model, clip),
+                               rtol=0, atol=1e-5 + 1e-3 * float(change))
+
+
+def test_cli_keep_last_zero_keeps_every_step_file(workdir):
+    out = workdir / "keep-all"
+    proc = run_cli(["--checkpoint", workdir / "tiny_sd15.safetensors", "--prompts", workdir / "prompts.txt",
+                    *TINY_HPARAMS, "--steps", 4, "--save-every", 1, "--keep-last", 0, "--output", out])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.glob("self_npo-step*.safetensors")) == [
+        f"self_npo-step00000{i}.safetensors" for i in range(1, 5)]
+
+
 def test_cli_sigint_then_resume_gives_the_uninterrupted_weights(full_run, workdir):
     out_full, _ = full_run
     out = workdir / "interrupted"
@@ -148,3 +183,59 @@ def test_cli_demo_shortened_writes_grid_and_weights(tmp_path):
         assert cfg.std() > 0 and npo.std() > 0
         differs += int((cfg - npo).abs().max() > 0)
     assert differs >= 1  # NPO-CFG is not plain CFG
+
+
+def test_loss_trend_is_a_centred_rolling_median_that_ignores_the_first_large_steps():
+    from comfy_selfnpo.training.run_files import loss_plot, loss_trend
+
+    losses = [5.0, 4.0] + [0.1 + 0.01 * (i % 3) for i in range(98)]  # two large first steps, then flat noise
+    trend = loss_trend(losses)
+    assert len(trend) == 100
+    # window 11 (a tenth of the run, made odd): at step 0 the median of the first 6 values, not their mean
+    first6 = sorted(losses[:6])
+    assert trend[0] == (first6[2] + first6[3]) / 2 and trend[0] < 0.2
+    assert trend[50] == sorted(losses[45:56])[5]
+    assert loss_trend([1.0, 9.0, 2.0], window=3) == [5.0, 2.0, 5.5]
+    image = loss_plot(list(range(1, 101)), losses)
+    assert image.size == (640, 360) and len(set(image.getdata())) > 3
+
+
+def test_cli_defaults_to_lora_12gb_writes_sample_prompt_rows_and_tensorboard_and_starts_quietly(workdir, tmp_path):
+    """No --preset: lora-12gb's values where no flag is given. --sample-prompts: a preview row per
+    prompt with its own seed/negative/cfg. --tensorboard: the loss of every step. ComfyUI's start-up
+    warnings about optional packages (torchaudio, comfy_kitchen) stay out of the terminal."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from comfy_selfnpo.training.config import DEFAULT_PRESET, PRESETS
+
+    samples = tmp_path / "samples.txt"
+    samples.write_text("# kohya sample prompts\na red cube --d 3 --l 4.5\n\na portrait of a cat --n blurry --s 2\n")
+    out, board = tmp_path / "run", tmp_path / "tb"
+    proc = run_cli(["--checkpoint", workdir / "tiny_sd15.safetensors", "--prompts", workdir / "prompts.txt",
+                    "--resolution", 64, "--batch-size", 1, "--grad-accum", 1, "--trajectory-buffer", 2,
+                    "--no-gradient-checkpointing", "--mixed-precision", "no", "--no-progress", "--steps", 2,
+                    "--preview-every", 2, "--preview-steps", 3, "--sample-prompts", samples,
+                    "--tensorboard", board, "--output", out])
+    assert proc.returncode == 0, proc.stderr
+    config = summary(out)["config"]
+    preset = PRESETS[DEFAULT_PRESET]
+    for name in ("lora_rank", "lora_alpha", "lora_targets", "learning_rate", "huber_c", "grid_size", "teacher"):
+        assert config[name] == preset[name], name
+    assert config["batch_size"] == 1 and DEFAULT_PRESET == "lora-12gb"
+    for noise in ("torchaudio", "comfy_kitchen", "Traceback"):
+        assert noise not in proc.stderr, proc.stderr
+
+    from comfy_selfnpo.training.run_files import GRID_HEADER, GRID_PAD
+
+    grid = Image.open(out / "previews" / "step_000002.png")
+    cell = 256  # 64 px previews scaled to 256
+    assert (grid.height - GRID_HEADER - GRID_PAD) // (cell + GRID_PAD) == 2  # one row per sample prompt
+
+    events = EventAccumulator(str(board))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("tdft/loss")]
+    with open(out / "loss.csv") as f:
+        written = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    assert [s for s, _ in logged] == [1, 2]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in written], rel=1e-6)
+    assert "previews/cfg_vs_npo" in events.Tags()["images"]

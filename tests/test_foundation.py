@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import subprocess
@@ -40,6 +41,44 @@ def test_comfyui_loader_imports_the_pack_and_registers_every_node(comfy_registry
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
     import folder_paths
     assert folder_paths.get_folder_paths("self_npo")  # the pack's models folder is registered
+
+
+def _load_extra_model_paths(yaml_path: Path) -> None:
+    """ComfyUI's own reader of extra_model_paths.yaml (`utils/extra_config.py`, loaded by path: after
+    `import nodes` a bare `import utils` finds comfy/utils.py)."""
+    spec = importlib.util.spec_from_file_location("comfyui_extra_config", COMFYUI_ROOT / "utils" / "extra_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.load_extra_path_config(str(yaml_path))
+
+
+@pytest.mark.parametrize("yaml_first", [True, False], ids=["yaml-then-pack", "pack-then-yaml"])
+def test_extra_model_paths_entry_adds_to_models_self_npo(tmp_path, monkeypatch, yaml_first):
+    import folder_paths
+
+    from comfy_selfnpo.model_folders import self_npo_output_dir
+    from comfy_selfnpo.nodes import SelfNPOExtension
+    from comfy_selfnpo.nodes.negative_model import list_npo_files
+
+    models, shared = tmp_path / "models", tmp_path / "team" / "npo"
+    for folder, name in ((models / "self_npo", "own.safetensors"), (shared, "shared.safetensors")):
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(b"{}")
+    (shared / "notes.txt").write_text("not a model")
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text("team:\n  base_path: team\n  self_npo: npo\n")  # relative to the yaml file
+    monkeypatch.setattr(folder_paths, "models_dir", str(models))
+    folder_paths.folder_names_and_paths.pop("self_npo", None)
+
+    steps = [lambda: _load_extra_model_paths(config), lambda: asyncio.run(SelfNPOExtension().on_load())]
+    for step in steps if yaml_first else steps[::-1]:  # the server reads the yaml before loading packs
+        step()
+    asyncio.run(SelfNPOExtension().on_load())  # loading twice changes nothing
+    folder_paths.filename_list_cache.clear()
+    assert folder_paths.get_folder_paths("self_npo") == [str(models / "self_npo"), str(shared)]
+    assert folder_paths.get_filename_list("self_npo") == ["own.safetensors", "shared.safetensors"]
+    assert list_npo_files()[:2] == ["self_npo/own.safetensors", "self_npo/shared.safetensors"]
+    assert self_npo_output_dir() == str(models / "self_npo")  # new weights go to the default folder
 
 
 def _encode(clip, text):
@@ -144,13 +183,16 @@ def test_pip_install_in_a_fresh_venv_exposes_the_cli_and_no_top_level_modules(tm
         for name in ("nodes", "training", "npo", "utils", "tests", "bench"):
             assert importlib.util.find_spec(name) is None, name + " leaked as a top-level module"
         import comfy_selfnpo, comfy_selfnpo.training.cli
+        import re
         reqs = md.requires("comfy-selfnpo")
-        base = sorted(r.split(";")[0].strip() for r in reqs if "extra ==" not in r)
-        print(",".join(base))
+        base = sorted(re.split(r"[<>=!~;\\s]", r)[0] for r in reqs if "extra ==" not in r)
+        bench = sorted(re.split(r"[<>=!~;\\s]", r)[0] for r in reqs if 'extra == "bench"' in r)
+        print(",".join(base), ",".join(bench))
     """)
     out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "diffusers,einops,safetensors,torch,tqdm"
+    # runtime: no diffusers, no einops (diffusers is the bench extra's; einops the pack never imports)
+    assert out.stdout.split() == ["safetensors,tomli,torch,tqdm", "diffusers"]
 
 
 def test_missing_comfyui_gives_instructions(tmp_path):
@@ -220,3 +262,44 @@ def test_comfyui_and_diffusers_import_together_in_one_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_torchvision_stand_in_covers_what_newer_comfyui_imports(tmp_path):
+    """Newer ComfyUI's comfy.model_base imports its detectors, which import torchvision.ops
+    (comfy/ldm/sam3/detector.py: `from torchvision.ops import roi_align`; comfy/ldm/rt_detr/rtdetr_v4.py:
+    `import torchvision`, then torchvision.ops at call time). A module with those import lines must
+    load under the stand-in; calling what the stand-in lacks names the missing package."""
+    (tmp_path / "newer_core_detector.py").write_text(textwrap.dedent("""
+        import torchvision
+        import torchvision.transforms as transforms
+        from torchvision import transforms as T
+        from torchvision.ops import roi_align
+        from torchvision.transforms import functional as TF
+        BICUBIC = transforms.InterpolationMode.BICUBIC  # attribute chains at module level
+        def detect(boxes):
+            return torchvision.ops.nms(boxes, boxes, 0.5)
+    """))
+    code = textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.path[:0] = [{str(tmp_path)!r}, {str(PACK_ROOT)!r}]
+        import comfyui_env, torch
+        assert importlib.util.find_spec("torchvision") is None, "this test needs a machine without torchvision"
+        assert comfyui_env.install_torchvision_stand_in_if_missing()
+        import newer_core_detector as d
+        assert d.T is d.transforms and d.TF is sys.modules["torchvision.transforms.functional"]
+        print(tuple(d.TF.resize(torch.ones(1, 3, 8, 8), 4).shape))
+        for call in (lambda: d.roi_align(None, None, 7), lambda: d.detect(torch.zeros(2, 4))):
+            try:
+                call()
+            except ModuleNotFoundError as e:
+                print(e)
+        comfyui_env.drop_torchvision_stand_in()
+        print(importlib.util.find_spec("torchvision"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "(1, 3, 4, 4)"
+    assert lines[1].startswith("torchvision.ops.roi_align needs torchvision, which is not installed")
+    assert lines[2].startswith("torchvision.ops.nms needs torchvision, which is not installed")
+    assert lines[3] == "None", "after the drop, probes see no torchvision again"

@@ -13,15 +13,15 @@ from npo_setup import (CFG, StepRecorder, guider_sample, hand_cfg, ksample, pred
 from comfy_selfnpo.npo import guidance
 from comfy_selfnpo.npo.guidance import SelfNPOError, SelfNPOGuider, apply_self_npo, get_plan
 
-MODES = ("separate", "batched_lowrank")
+RESIDENCIES = ("separate", "batched_lowrank")
 
 
-def _run(path, s, negative_model, mode, recorder, cfg=CFG, **conds):
+def _run(path, s, negative_model, residency, recorder, cfg=CFG, **conds):
     model = recorder.attach(s.model)
     if path == "guider":
-        guider = SelfNPOGuider(model, negative_model, residency=mode)
+        guider = SelfNPOGuider(model, negative_model, residency=residency)
         return guider_sample(guider, s, cfg=cfg, **conds), guider.plan
-    patched = apply_self_npo(model, negative_model, residency=mode)
+    patched = apply_self_npo(model, negative_model, residency=residency)
     return ksample(patched, s, cfg=cfg, **conds), get_plan(patched)
 
 
@@ -32,10 +32,10 @@ def test_every_step_is_cfg_with_the_negative_model_on_the_uncond_branch(kind, pa
     negative_model = s.negative_model()
     assert negative_model.model is s.model.model  # the shared-weights case: a clone of the positive
     results = {}
-    for mode in MODES:
+    for residency in RESIDENCIES:
         recorder = StepRecorder()
-        results[mode], plan = _run(path, s, negative_model, mode, recorder)
-        assert plan.residency == mode and plan.verified
+        results[residency], plan = _run(path, s, negative_model, residency, recorder)
+        assert plan.residency == residency and plan.verified
         assert len(recorder.steps) == 4 and plan.negative_calls == 4
         for step in recorder.steps:
             expected = hand_cfg(s, step)
@@ -63,9 +63,9 @@ def test_trap_positive_clone_plus_npo_lora_gives_the_npo_result_not_plain_cfg():
     assert rel_err(naive_neg, predict(s.neg_ind, uncond, step["x"], step["sigma"])) > 1e-2
 
     plain = ksample(s.model, s)
-    for mode in ("auto",) + MODES:
+    for residency in ("auto",) + RESIDENCIES:
         recorder = StepRecorder()
-        out = ksample(apply_self_npo(recorder.attach(s.model), negative_model, residency=mode), s)
+        out = ksample(apply_self_npo(recorder.attach(s.model), negative_model, residency=residency), s)
         assert rel_err(out, plain) > 1e-2
         for step in recorder.steps:
             assert rel_err(step["denoised"], hand_cfg(s, step)) < 1e-4
@@ -90,15 +90,15 @@ def test_an_independent_negative_model_is_used_as_it_is():
         assert rel_err(step["denoised"], hand_cfg(s, step)) < 1e-4
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_guard_refuses_a_negative_branch_without_the_negative_weights(mode):
+@pytest.mark.parametrize("residency", RESIDENCIES)
+def test_guard_refuses_a_negative_branch_without_the_negative_weights(residency):
     s = setup("sd15")
     with pytest.raises(SelfNPOError, match="same weights"):
-        apply_self_npo(s.model, s.model.clone(), residency=mode)
+        apply_self_npo(s.model, s.model.clone(), residency=residency)
 
-    patched = apply_self_npo(s.model, s.negative_model(), residency=mode)
+    patched = apply_self_npo(s.model, s.negative_model(), residency=residency)
     plan = get_plan(patched)
-    if mode == "separate":
+    if residency == "separate":
         # the loaded negative module lost its NPO weights (what a shared module would do)
         negative_module = plan.negative.model
         negative_module.load_state_dict(s.model.model.state_dict())
@@ -111,48 +111,17 @@ def test_guard_refuses_a_negative_branch_without_the_negative_weights(mode):
         ksample(patched, s)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_cfg_one_skips_the_negative_branch(mode):
+@pytest.mark.parametrize("residency", RESIDENCIES)
+def test_cfg_one_skips_the_negative_branch(residency):
     s = setup("sd15")
-    patched = apply_self_npo(s.model, s.negative_model(), residency=mode)
+    patched = apply_self_npo(s.model, s.negative_model(), residency=residency)
     out = ksample(patched, s, cfg=1.0)
     assert get_plan(patched).negative_calls == 0
     assert torch.equal(out, ksample(s.model, s, cfg=1.0))
 
 
-def test_pre_and_post_cfg_nodes_still_act_with_apply_self_npo(comfy_registry):
-    s = setup("sd15")
-    mappings = comfy_registry.NODE_CLASS_MAPPINGS
-    apg = mappings["APG"].execute(s.model, eta=0.5, norm_threshold=2.0, momentum=0.0).result[0]
-    npo = apply_self_npo(apg, s.negative_model(), residency="batched_lowrank")
-    rescaled = mappings["RescaleCFG"]().patch(npo, 0.7)[0]
-    normed = mappings["CFGNorm"].execute(rescaled, strength=0.9).result[0]
-    recorder = StepRecorder()
-    ksample(recorder.attach(normed), s)
-
-    options = normed.model_options
-    chain = {"sampler_pre_cfg_function": options["sampler_pre_cfg_function"],
-             "sampler_cfg_function": options["sampler_cfg_function"],
-             "sampler_post_cfg_function": options["sampler_post_cfg_function"][:1]}  # without the recorder
-    for step in recorder.steps:
-        x, sigma = step["x"], step["sigma"]
-        with torch.no_grad():
-            d_pos = predict(s.pos_ind, step["cond"], x, sigma)
-            d_neg = predict(s.neg_ind, step["uncond"], x, sigma)
-            conds = [step["cond"], step["uncond"]]
-            out = [d_pos, d_neg]
-            for fn in chain["sampler_pre_cfg_function"]:
-                out = fn({"conds": conds, "conds_out": out, "cond_scale": CFG, "timestep": sigma, "input": x,
-                          "sigma": sigma, "model": s.pos_ind.model, "model_options": chain})
-            expected = comfy.samplers.cfg_function(s.pos_ind.model, out[0], out[1], CFG, x, sigma,
-                                                   model_options=chain, cond=step["cond"], uncond=step["uncond"])
-        assert rel_err(step["denoised"], expected) < 1e-4
-        # the three nodes really change the result
-        assert rel_err(hand_cfg(s, step), expected) > 1e-3
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_area_and_mask_conditioning_reach_the_negative_model(mode):
+@pytest.mark.parametrize("residency", RESIDENCIES)
+def test_area_and_mask_conditioning_reach_the_negative_model(residency):
     s = setup("sdxl")
     mask = torch.zeros(1, 8, 8)
     mask[:, :, :5] = 1.0
@@ -160,7 +129,7 @@ def test_area_and_mask_conditioning_reach_the_negative_model(mode):
     area = nodes.ConditioningSetArea().append(s.encode("ugly"), 32, 32, 32, 0, 1.0)[0]
     negative = masked + area
     recorder = StepRecorder()
-    patched = apply_self_npo(recorder.attach(s.model), s.negative_model(), residency=mode)
+    patched = apply_self_npo(recorder.attach(s.model), s.negative_model(), residency=residency)
     ksample(patched, s, negative=negative)
     for step in recorder.steps:
         assert any("mask" in c for c in step["uncond"]) and any("area" in c for c in step["uncond"])
@@ -212,8 +181,8 @@ def _tiny_controlnet(s):
     return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"))  # pixel hints
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_controlnet_reaches_the_negative_model(mode):
+@pytest.mark.parametrize("residency", RESIDENCIES)
+def test_controlnet_reaches_the_negative_model(residency):
     s = setup("sd15")
     control = _tiny_controlnet(s)
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
@@ -232,7 +201,7 @@ def test_controlnet_reaches_the_negative_model(mode):
 
     model = s.model.clone()
     model.set_model_sampler_post_cfg_function(hand_inside_the_step)
-    ksample(apply_self_npo(model, s.negative_model(), residency=mode), s, positive=positive, negative=negative)
+    ksample(apply_self_npo(model, s.negative_model(), residency=residency), s, positive=positive, negative=negative)
     assert len(checks) == 4
     for err, control_effect in checks:
         assert err < 1e-4
@@ -275,10 +244,10 @@ def test_batched_and_separate_agree_on_a_batch_of_two_latents():
     import nodes as comfy_nodes
 
     outs = {}
-    for mode in MODES:
-        (out,) = comfy_nodes.common_ksampler(apply_self_npo(s.model, negative_model, residency=mode), 3, 4, CFG,
+    for residency in RESIDENCIES:
+        (out,) = comfy_nodes.common_ksampler(apply_self_npo(s.model, negative_model, residency=residency), 3, 4, CFG,
                                              "euler", "normal", s.positive, s.negative,
                                              {"samples": torch.zeros(2, 4, 8, 8)})
-        outs[mode] = out["samples"]
+        outs[residency] = out["samples"]
     assert outs["separate"].shape[0] == 2 and rel_err(outs["separate"][0], outs["separate"][1]) > 1e-3
     assert rel_err(outs["batched_lowrank"], outs["separate"]) < 1e-4

@@ -1,5 +1,7 @@
 """NPO weight files: every format loads with zero unmatched keys and means θ + η·δ; β and η follow
-θ_neg = θ_pos + η·δ − β·(θ_pos − θ_base); files for another architecture are refused with a reason."""
+θ_neg = θ_pos + η·δ − β·(θ_pos − θ_base); files for another architecture, or naming a weight twice, or
+giving only part of a fused weight, are refused with a reason. (Every DiT family:
+test_npo_weights_families.py; damaged files and strength 0: test_npo_weights_refusals.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -27,16 +29,16 @@ def _assert_weights(negative, expected: dict, untouched_from=None):
 
 
 @pytest.mark.parametrize("kind,fmt", [(k, f) for k in ("sd15",) for f in npo_files.WRITERS]
-                         + [("sdxl", "kohya_lora"), ("sdxl", "peft_lora"), ("sdxl", "full_unet_diffusers")])
+                         + [("sdxl", "kohya_lora"), ("sdxl", "peft_lora"), ("sdxl", "full_model_diffusers")])
 def test_every_format_loads_with_zero_unmatched_keys_and_means_theta_plus_eta_delta(tiny, tmp_path, kind, fmt):
     model = tiny.build_model(kind, seed=3)
     offset = npo_files.make_npo_offset(model, seed=1)
     path = npo_files.write(tmp_path / f"npo_{fmt}.safetensors", npo_files.WRITERS[fmt](offset, model))
     npo = load_npo_file(path)
-    assert npo.format == fmt
+    assert npo.format == fmt.replace("_ldm", "").replace("_diffusers", "")
     eta = 0.7
     negative, report = make_negative_model(model, npo, strength=eta)
-    assert report.format == fmt and report.unmatched == []
+    assert report.format == npo.format and report.unmatched == []
     assert report.patched == len(offset.factors)
     assert report.ignored == (["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"] if fmt == "kohya_lora" else [])
     assert negative.model is model.model  # a clone carrying patches: the positive is untouched
@@ -116,15 +118,15 @@ def test_full_unet_is_an_offset_against_the_base_model(tiny):
 def test_a_file_for_another_architecture_is_refused_with_the_reason(tiny, tmp_path):
     sd15 = tiny.build_model("sd15", seed=3)
     sdxl = tiny.build_model("sdxl", seed=3)
-    for fmt in ("kohya_lora", "peft_lora", "full_unet_ldm"):
+    for fmt in ("kohya_lora", "peft_lora", "full_model_ldm"):
         path = npo_files.write(tmp_path / f"xl_{fmt}.safetensors",
                                npo_files.WRITERS[fmt](npo_files.make_npo_offset(sdxl, seed=1), sdxl))
-        with pytest.raises(NPOFormatError, match="another architecture|not a full UNet"):
+        with pytest.raises(NPOFormatError, match="another architecture|not a whole model"):
             make_negative_model(sd15, load_npo_file(path))
     # names that fit no layer at all
     bogus = {f"lora_unet_nonexistent_block_{i}.lora_down.weight": torch.zeros(4, 8) for i in range(3)}
     bogus.update({f"lora_unet_nonexistent_block_{i}.lora_up.weight": torch.zeros(8, 4) for i in range(3)})
-    with pytest.raises(NPOFormatError, match=r"only 0 of 6 UNet entries match"):
+    with pytest.raises(NPOFormatError, match=r"only 0 of 6 diffusion-model entries match"):
         make_negative_model(sd15, weights.npo_weights_from_state_dict(bogus, "bogus.safetensors"))
 
 
@@ -145,3 +147,19 @@ def test_unreadable_and_unknown_files_and_missing_base_give_clear_errors(tiny, t
     npo = weights.npo_weights_from_state_dict(npo_files.kohya_state_dict(npo_files.make_npo_offset(model), model))
     with pytest.raises(ValueError, match="needs the base model"):
         make_negative_model(model, npo, merge_weight=0.5)
+
+
+def test_files_that_name_a_weight_twice_or_give_part_of_a_fused_weight_are_refused(tiny):
+    model = tiny.build_model("sd3", seed=3)
+    offset = npo_files.lowrank_offset(model, ["diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], seed=1)
+    lora, _ = npo_files.diffusers_peft_state_dict(offset, model, "sd3")
+    bare, _ = npo_files.diffusers_peft_state_dict(offset, model, "sd3", prefix="")
+    with pytest.raises(NPOFormatError, match=r"twice\.safetensors: 'transformer\.transformer_blocks\.0\.attn\.to_q' and "
+                                             r"'transformer_blocks\.0\.attn\.to_q' both change diffusion_model\.joint_blocks"
+                                             r"\.0\.x_block\.attn\.qkv\.weight\[0:128\]; a file may change each weight once"):
+        make_negative_model(model, weights.npo_weights_from_state_dict({**lora, **bare}, "twice.safetensors"))
+    whole, _ = npo_files.diffusers_full_model_state_dict(model, npo_files.dense_change(model), "sd3")
+    del whole["transformer_blocks.1.attn.to_k.weight"]
+    with pytest.raises(NPOFormatError, match=r"give 256 of the 384 rows of diffusion_model\.joint_blocks\.1\.x_block"
+                                             r"\.attn\.qkv\.weight .* the file is incomplete"):
+        make_negative_model(model, weights.npo_weights_from_state_dict(whole, "part.safetensors"))

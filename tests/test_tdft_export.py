@@ -58,7 +58,7 @@ def test_lora_export_loads_through_comfyui_and_reproduces_the_trained_model(
     ckpt, trainer = _train(tiny, tmp_path, kind, "lora")
     path = trainer.export(comfy_dirs["loras"] / f"npo_{kind}.safetensors")
     lora = comfy.utils.load_torch_file(str(path))
-    n_layers = len(trainer.adapters.names)
+    n_layers = len(trainer.trained.adapters.names)
     assert len(lora) == 3 * n_layers and all(k.startswith("lora_unet_") for k in lora)
     # every tensor is applied: ComfyUI maps every key and reports none as "not loaded"
     key_map = comfy.lora.model_lora_keys_unet(ckpt.model.model, {})

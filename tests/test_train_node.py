@@ -4,6 +4,7 @@ workflow, resuming by name, and turning a cancel into a resumable checkpoint + C
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -25,11 +26,13 @@ class ProgressRecorder:
     def __init__(self, cancel_at: int | None = None):
         self.calls = []
         self.cancel_at = cancel_at
+        self.cancel_total = None  # cancel only on reports of this total (training steps, not the pre-roll)
         self.cancelled_at = None
 
     def __call__(self, value, total, preview, node_id=None, prompt_id=None):
         self.calls.append((value, total, preview, torch.is_inference_mode_enabled()))
-        if self.cancel_at is not None and value >= self.cancel_at and self.cancelled_at is None:
+        counts = self.cancel_total is None or total == self.cancel_total
+        if self.cancel_at is not None and counts and value >= self.cancel_at and self.cancelled_at is None:
             self.cancelled_at = value  # (ProgressBar throttles: the first report at or after cancel_at)
             comfy.model_management.interrupt_current_processing()  # the user presses cancel
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -125,7 +128,8 @@ def test_train_node_resumes_by_name_and_refuses_changed_hyper_parameters(comfy_r
     ckpt = tiny.build_checkpoint("sd15", seed=0)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         out = SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=2))
-        negative, path, curve = out.result
+        negative, path, curve, lora, loss_map = out.result
+        assert len(loss_map["loss"]) == 2 and any(k.endswith("lora_up.weight") for k in lora)
         assert summary(comfy_dirs)["resumed_from_step"] is None
         first = safetensors.torch.load_file(path)
 
@@ -136,6 +140,15 @@ def test_train_node_resumes_by_name_and_refuses_changed_hyper_parameters(comfy_r
         assert any(not torch.equal(first[k], second[k]) for k in first)  # two more steps trained
         lines = (run_dir(comfy_dirs) / "loss.csv").read_text().strip().splitlines()
         assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4]
+        # every save (every 2 steps) also exported the weights of that step next to the final file,
+        # where the loader lists them
+        from comfy_selfnpo.nodes.negative_model import list_npo_files
+
+        steps = sorted(p.name for p in comfy_dirs["self_npo"].glob(f"{NAME}-step*.safetensors"))
+        assert steps == [f"{NAME}-step000002.safetensors", f"{NAME}-step000004.safetensors"]
+        assert f"self_npo/{NAME}-step000002.safetensors" in list_npo_files()
+        step2 = safetensors.torch.load_file(str(comfy_dirs["self_npo"] / steps[0]))
+        assert all(torch.equal(step2[k], first[k]) for k in first)
 
         before = (run_dir(comfy_dirs) / "checkpoint" / "state.pt").read_bytes()
         with pytest.raises(ResumeMismatch, match="learning_rate"):
@@ -152,7 +165,7 @@ def test_train_node_cancel_saves_a_resumable_checkpoint_then_interrupts(comfy_re
     from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
 
     ckpt = tiny.build_checkpoint("sd15", seed=0)
-    progress.cancel_at = 2
+    progress.cancel_at, progress.cancel_total = 2, 5  # at training step 2 of 5
     with torch.inference_mode():
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=5, save_every=0))
@@ -200,3 +213,53 @@ def test_train_node_out_of_memory_saves_and_says_how_to_fit(comfy_registry, comf
     s = summary(comfy_dirs)
     assert s["status"] == "out_of_memory" and s["step"] == 1
     assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()
+
+
+def test_train_node_cancel_during_the_trajectory_preroll_stops_within_seconds(comfy_registry, comfy_dirs, tiny,
+                                                                               progress):
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    progress.cancel_at = 1  # the first progress report comes from the pre-roll of the 3000 trajectories
+    overrides = TINY_OVERRIDES_TEXT.replace("trajectory_buffer = 2", "trajectory_buffer = 3000")
+    started = time.monotonic()
+    with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+        SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=5, overrides=overrides))
+    assert time.monotonic() - started < 30  # the whole pre-roll takes minutes
+    assert any(c[1] == 3000 for c in progress.calls)  # the pre-roll reported its own progress
+    s = summary(comfy_dirs)
+    assert s["status"] == "cancelled" and s["step"] == 0
+    assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()
+    assert not comfy.model_management.processing_interrupted()
+
+
+def test_train_node_outputs_feed_cores_lora_and_loss_nodes_and_show_the_run_on_the_node(comfy_registry, comfy_dirs,
+                                                                                      tiny, progress):
+    """LORA_MODEL -> core's 'Load LoRA Model' (the negative without our loader), LOSS_MAP -> core's 'Plot
+    Loss Graph'; the node shows its loss curve and a report; data picked from input/."""
+    from PIL import Image
+
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+    from cli_setup import uncond_prediction
+    from tdft_helpers import make_image_folder
+
+    make_image_folder(comfy_dirs["input"] / "my_images", count=2)
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    with torch.inference_mode():
+        out = SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=ckpt.vae, input_folder="my_images",
+                                       **train_inputs(steps=2, data_folder=""))
+    negative, weights_path, curve, lora, loss_map = out.result
+    assert summary(comfy_dirs)["config"]["resolution"] == 64 and len(loss_map["loss"]) == 2
+    lora_nodes = comfy_registry.NODE_CLASS_MAPPINGS
+    lora_model = lora_nodes["LoraModelLoader"]().execute(ckpt.model, lora, 1.0)
+    lora_model = (lora_model.result if hasattr(lora_model, "result") else lora_model)[0]
+    torch.testing.assert_close(uncond_prediction(lora_model, ckpt.clip), uncond_prediction(negative, ckpt.clip),
+                               rtol=1e-4, atol=1e-5)
+    assert (uncond_prediction(lora_model, ckpt.clip) - uncond_prediction(ckpt.model, ckpt.clip)).abs().max() > 1e-5
+    plotted = lora_nodes["LossGraphNode"]().execute(loss_map, "selfnpo_loss")
+    assert plotted.ui.as_dict()["images"]  # core's loss plot drew our LOSS_MAP
+    shown = out.ui
+    assert shown["images"] and "2/2 steps" in shown["text"][0] and "final loss" in shown["text"][0]
+    with pytest.raises(ValueError, match="not both"):
+        SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=ckpt.vae, input_folder="my_images",
+                                 **train_inputs(steps=2, data_folder="/somewhere"))

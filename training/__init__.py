@@ -7,9 +7,14 @@
     trainer.export("npo_lora.safetensors")                             # LoRA / offset / UNet file
     negative = trainer.negative_model()                                # MODEL for the guider nodes
 
-Modules: config (TDFTConfig, PRESETS), data (image folder, prompts), tdft (the step math in
-ComfyUI terms), trajectories (data-free buffer), lora (adapters, gradient checkpointing), ema,
-checkpoint (atomic writes), trainer (TDFTTrainer), errors. Names are imported lazily so that
+Modules: config (TDFTConfig: every hyper-parameter with its meaning, PRESETS), settings (front-end
+parsing), data (image folder, latents, prompts), encoding (data -> latents and conditioning, once),
+tdft (the step math in ComfyUI terms, `tdft_step`), draws (per-item random draws), trained (full
+weights or LoRA, with the teacher), lora (adapters), grad_checkpointing, starts / trajectories (real
+latents or the data-free buffer), optimization (AdamW, schedule, precision), distributed (torchrun),
+checkpoint (the resumable checkpoint format), identity (base-model hash), export (weight files, the
+negative MODEL), atomic_files, trainer (TDFTTrainer), session / run_files (a whole run and its
+files), errors. Names are imported lazily so that
 importing the package (and the CLI's argument parser) does not import torch or ComfyUI."""
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ _EXPORTS = {
     "TDFTConfig": ".config", "PRESETS": ".config", "make_config": ".config",
     "ImageCaptionFolder": ".data", "LatentDataset": ".data", "PromptList": ".data", "read_prompts_file": ".data",
     "TDFTTrainer": ".trainer", "StepResult": ".trainer", "TrainResult": ".trainer",
-    "base_model_hash": ".trainer", "OutOfMemory": ".errors",
+    "model_identity": ".identity", "OutOfMemory": ".errors", "LocalWorld": ".distributed",
+    "world_from_environment": ".distributed",
     "TrainingError": ".errors", "DataError": ".errors", "NonFiniteLoss": ".errors",
     "ResumeMismatch": ".errors", "UnsupportedModel": ".errors", "TrainingCancelled": ".errors",
 }

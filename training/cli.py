@@ -3,20 +3,20 @@
 Loads the model through ComfyUI's own loaders and memory management without starting the server
 (GPU when present, CPU otherwise), trains with `TDFTTrainer` through the same `TrainingSession` the
 node uses, and leaves in the output folder: the weights, a resumable checkpoint, loss.csv, loss.png,
-preview PNGs and summary.json.
+preview PNGs and summary.json. Exit statuses: `EXIT_CODES` below (also in `--help`).
 
-Exit status: 0 success; 1 unexpected error (a bug: please report it); 2 bad arguments or config;
-3 unusable input (model file, data, resume mismatch); 4 the loss became NaN/inf; 5 out of memory;
-6 cannot write the output; 130 / 143 stopped by SIGINT (Ctrl+C) / SIGTERM after saving a resumable
-checkpoint.
+Several GPUs or machines: start it with torchrun (`torchrun --nproc-per-node N -m
+comfy_selfnpo.training.cli ...`); every process trains its share of each batch (distributed.py) and
+only the first writes files.
 
 Test/demo only: with COMFY_SELFNPO_TINY_MODELS=1 in the environment the tiny model configs of
-`tiny_models.py` are registered with ComfyUI's detector, so the tiny checkpoints the test suite
+`tiny_models/` are registered with ComfyUI's detector, so the tiny checkpoints the test suite
 writes load like real ones. Never needed for real checkpoints.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -24,8 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_WRITE = 0, 1, 2, 3, 4, 5, 6
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_WRITE, EXIT_LOST = 0, 1, 2, 3, 4, 5, 6, 7
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_CODES = {
+    EXIT_OK: "success", EXIT_ERROR: "unexpected error (a bug: please report it with the traceback)",
+    EXIT_USAGE: "bad arguments or config", EXIT_INPUT: "unusable input (model file, data, resume mismatch)",
+    EXIT_NONFINITE: "the loss became NaN/inf", EXIT_OOM: "out of memory",
+    EXIT_WRITE: "output not writable / disk full",
+    EXIT_LOST: "another process of a torchrun job was lost (it died, or the network failed)",
+    130: "stopped by SIGINT (Ctrl+C), resumable checkpoint saved", 143: "stopped by SIGTERM, likewise",
+}
 TINY_MODELS_ENV = "COMFY_SELFNPO_TINY_MODELS"
 
 DEMO_PROMPTS = ["a red cube on a table", "a portrait of an old sailor", "a mountain lake at dawn",
@@ -46,57 +54,47 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------ arguments
 
-# what each TDFTConfig field means (SPEC §3), for --help
-HP_HELP = {
-    "grid_size": "N: DDIM grid over the T timesteps", "truncation_steps": "K: truncated teacher steps per sample",
-    "corruption_guidance": "w: guidance on the teacher (-1 SD1.x/SD2, -5 SDXL)",
-    "uncond": "teacher's unconditional input", "loss": "regression loss", "huber_c": "pseudo-Huber c",
-    "teacher": "ema: EMA of the student (paper); base: the frozen initial model",
-    "ema_decay": "EMA teacher decay", "mode": "train all weights or a LoRA (extension)",
-    "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_targets": "attn | attn+ff | all_linear | a regex",
-    "learning_rate": "AdamW learning rate", "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping (0 = off)", "optimizer": "adamw8bit needs bitsandbytes",
-    "warmup_steps": "steps of linear warm-up", "batch_size": "items per micro-batch",
-    "grad_accum": "micro-batches per optimizer step", "steps": "optimizer steps",
-    "mixed_precision": "autocast dtype", "gradient_checkpointing": "recompute activations (less memory)",
-    "seed": "seed of every random draw", "resolution": "image mode: training resolution (pixels)",
-    "trajectory_buffer": "data-free mode: buffered trajectories",
-    "save_every": "resumable checkpoint every N steps (0 = at the end / on stop)",
-    "output_format": "lora (LoRA runs) | offset | unet",
-}
+def _add_hyperparameter_flags(parser) -> None:
+    """One flag per TDFTConfig field; help text and choices come from the field's own description."""
+    from .config import TDFTConfig, choices_of, describe, field_types
 
-
-def _hp_choices() -> dict:
-    from . import config
-
-    return {"uncond": config.UNCONDS, "loss": config.LOSSES, "teacher": config.TEACHERS, "mode": config.MODES,
-            "optimizer": config.OPTIMIZERS, "lr_schedule": config.SCHEDULES,
-            "mixed_precision": config.PRECISIONS, "output_format": config.OUTPUT_FORMATS}
+    hp = parser.add_argument_group("hyper-parameters (TDFTConfig; see README)")
+    defaults = TDFTConfig()
+    for name, kind in field_types().items():
+        flag = "--" + name.replace("_", "-")
+        text = f"{describe(name)}; TDFT default {getattr(defaults, name)}"
+        if kind is bool:
+            hp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif choices_of(name):
+            hp.add_argument(flag, choices=list(choices_of(name)), default=None, help=text)
+        else:
+            hp.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
+    hp.add_argument("--lr", dest="learning_rate", type=float, default=None, help="alias of --learning-rate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS, TDFTConfig
-    from .settings import config_fields
+    from .config import DEFAULT_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="comfy-selfnpo-train",
         description="Train a Self-NPO negative model with truncated diffusion fine-tuning (TDFT), "
                     "using ComfyUI's loaders and memory management, without starting the server.",
         epilog="Every hyper-parameter flag defaults to the preset's value (or the TDFT default). "
-               "Precedence: flags > --config file > --preset > defaults. Exit status: 0 success, "
-               "1 unexpected error, 2 bad arguments, 3 unusable input (model, data, resume mismatch), "
-               "4 NaN/inf loss, 5 out of memory, 6 output not writable / disk full, 130/143 stopped "
-               "by SIGINT/SIGTERM (a resumable checkpoint was saved; rerun with --resume).",
+               "Precedence: flags > --config file > --preset > defaults. Exit status: "
+               + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
     )
     model = parser.add_argument_group("model (loaded with ComfyUI's loaders)")
     model.add_argument("--checkpoint", "--ckpt", help="single-file checkpoint (SD1.5, SDXL, ...) with MODEL, CLIP and VAE")
-    model.add_argument("--diffusion-model", help="diffusion model (UNet) file; replaces the checkpoint's")
+    model.add_argument("--diffusion-model", help="diffusion model (UNet / DiT) file; replaces the checkpoint's")
     model.add_argument("--text-encoder", action="append", help="text encoder file (repeat for SDXL: CLIP-L and CLIP-G)")
     model.add_argument("--clip-type", help="ComfyUI CLIPType for --text-encoder (default stable_diffusion, "
-                       "which also covers SD2 and SDXL)")
+                       "which also covers SD2 and SDXL; sd3, wan, flux, chroma, ltxv, qwen_image, lumina2, ...)")
     model.add_argument("--vae", help="VAE file (needed for --data images when the checkpoint has none)")
+    model.add_argument("--shift", type=float, help="flow models: the timestep shift to sample and train with, as "
+                       "ComfyUI's ModelSamplingSD3/Flux nodes set it (default: the model's own)")
     data = parser.add_argument_group("data (one of)")
-    data.add_argument("--data", help="folder of images with same-name .txt captions (kohya layout)")
+    data.add_argument("--data", help="folder of images (video models: also clips, .mp4/.webm/.gif) with same-name "
+                      ".txt captions (kohya layout)")
     data.add_argument("--prompts", help="text file, one prompt per line (data-free mode)")
     data.add_argument("--caption-extension", help="caption file extension (default .txt)")
     out = parser.add_argument_group("output")
@@ -105,32 +103,31 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--name", help="weights file name without extension (default self_npo)")
     out.add_argument("--resume", action="store_true", default=None,
                      help="continue the checkpoint in the output folder (same model and hyper-parameters)")
+    out.add_argument("--allow-data-change", action="store_true", default=None,
+                     help="with --resume: accept data whose content changed since the checkpoint (e.g. fixed "
+                          "captions); by default that is refused")
     out.add_argument("--preview-every", type=int, help="sample CFG vs NPO-CFG previews every N steps (0 = never)")
     out.add_argument("--preview-prompt", help="prompt of the previews (default: the first prompt/caption)")
+    out.add_argument("--sample-prompts", help="previews of several prompts (a row each), kohya's sample-prompt file: "
+                     "one prompt per line, optionally with --n <negative> --d <seed> --l <cfg> --s <steps>")
+    out.add_argument("--tensorboard", help="also log loss, learning rate and previews for TensorBoard into this "
+                     "folder (needs the tensorboard extra)")
     out.add_argument("--preview-steps", type=int, help="sampling steps of a preview (default 20)")
     out.add_argument("--preview-cfg", type=float, help="CFG scale of the previews (default 7.0)")
     run = parser.add_argument_group("run")
     run.add_argument("--config", help="TOML file with any of these options (names with _ or -), for repeatable runs")
-    run.add_argument("--preset", choices=sorted(PRESETS), help="hyper-parameter preset: sd15/sdxl as published, "
+    run.add_argument("--preset", choices=sorted(PRESETS), help=f"hyper-parameter preset (default {DEFAULT_PRESET}, as the "
+                     "training node): sd15/sdxl as published, "
                      "lora-8gb/12gb/16gb/24gb sized for consumer GPUs")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): the GPU ComfyUI finds, else CPU")
     run.add_argument("--demo", action="store_true", default=None,
                      help="train a Self-NPO LoRA on a built-in tiny model and write a CFG vs NPO-CFG grid")
     run.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
     run.add_argument("--verbose", "-v", action="store_true", default=None, help="log what the trainer does")
-    hp = parser.add_argument_group("hyper-parameters (TDFTConfig; see README)")
-    choices = _hp_choices()
-    defaults = TDFTConfig()
-    for name, kind in config_fields().items():
-        flag = "--" + name.replace("_", "-")
-        text = f"{HP_HELP.get(name, name)} (TDFT default {getattr(defaults, name)})"
-        if kind is bool:
-            hp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif name in choices:
-            hp.add_argument(flag, choices=list(choices[name]), default=None, help=text)
-        else:
-            hp.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
-    hp.add_argument("--lr", dest="learning_rate", type=float, default=None, help="alias of --learning-rate")
+    run.add_argument("--dist-timeout", type=float,
+                     help="torchrun jobs: seconds a process waits for the others in a collective before "
+                          "giving up (default: torch's, 30 min); a lost process ends the job within it")
+    _add_hyperparameter_flags(parser)
     parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})
     return parser
 
@@ -139,9 +136,13 @@ def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     """Fill options not given on the command line from the --config TOML file."""
     if not args.config:
         return
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the backport, a dependency there
+        import tomli as tomllib
 
-    from .settings import check_overrides, config_fields
+    from .config import field_types
+    from .settings import check_overrides
 
     path = Path(args.config).expanduser()
     try:
@@ -157,21 +158,44 @@ def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             flat.update(value)
         else:
             flat[key] = value
-    dests = {a.dest for a in parser._actions} - {"help", "config"}
-    hyper_parameters = config_fields()
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    hyper_parameters = field_types()
     for key, value in flat.items():
         dest = key.replace("-", "_")
-        if dest not in dests:
+        if dest not in actions:
             raise UsageError(f"--config {str(path)!r}: unknown option {key!r}")
-        if dest in hyper_parameters:
-            try:
+        try:
+            if dest in hyper_parameters:
                 value = check_overrides({dest: value})[dest]
-            except ValueError as e:
-                raise UsageError(f"--config {str(path)!r}: {e}") from None
-        if dest == "text_encoder" and isinstance(value, str):
-            value = [value]
+            else:
+                value = _toml_option(actions[dest], key, value)
+        except ValueError as e:
+            raise UsageError(f"--config {str(path)!r}: {e}") from None
         if getattr(args, dest) is None:
             setattr(args, dest, value)
+
+
+def _toml_option(action, key: str, value):
+    """A TOML value for a non-hyper-parameter option, with the type its flag takes: true/false for
+    switches (a string such as "no" would be truthy), a listed choice, a number, text."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):  # --text-encoder: one file or a list of files
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"{key} must be a file name or a list of file names, got {value!r}")
+        return values
+    if action.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return action.type(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be text (a quoted string), got {value!r}")
+    if action.choices and value not in action.choices:
+        raise ValueError(f"{key}={value!r} is not one of {list(action.choices)}")
+    return value
 
 
 def _check_args(args) -> None:
@@ -192,10 +216,15 @@ def _check_args(args) -> None:
 
 class StopRequest:
     """SIGINT/SIGTERM ask the trainer to stop at the next step boundary (it then saves a resumable
-    checkpoint); a second signal interrupts at once (the trainer still saves on KeyboardInterrupt)."""
+    checkpoint); a second signal interrupts at once (the trainer still saves on KeyboardInterrupt).
 
-    def __init__(self):
+    Under torchrun a second signal is expected, not a user's insistence: Ctrl+C reaches every process
+    and the launcher, which then sends SIGTERM to every process. There, every signal only asks for
+    the stop at the step boundary, which all processes reach together."""
+
+    def __init__(self, escalate: bool = True):
         self.signum = None
+        self.escalate = escalate
         self._previous = {}
 
     def __call__(self) -> bool:
@@ -203,10 +232,15 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if self.escalate:
+                self.escalate = False  # once: the trainer then saves its checkpoint undisturbed
+                self.signum = signum
+                raise KeyboardInterrupt
+            return
         self.signum = signum
+        again = " (send it again to stop at once)" if self.escalate else ""
         print(f"\ncomfy-selfnpo-train: {signal.Signals(signum).name} received; stopping after this step "
-              "and saving a resumable checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+              f"and saving a resumable checkpoint{again}", file=sys.stderr, flush=True)
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -217,8 +251,10 @@ class StopRequest:
         return self
 
     def restore(self):
+        """The previous handlers back; after a stop, the rest of a burst of signals is ignored instead
+        (the run is over and saved: the process should exit with its status, not be killed)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.signum is not None else handler)
         self._previous.clear()
 
 
@@ -261,14 +297,38 @@ def _setup_logging(verbose: bool):
     return restore
 
 
-def _init_comfyui(device: str) -> None:
+@contextlib.contextmanager
+def _quiet_imports(verbose: bool):
+    """ComfyUI logs what its optional parts miss while it is imported (torchaudio, comfy_kitchen, ...):
+    noise for a training run. Shown with --verbose only."""
+    if verbose:
+        yield
+        return
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _init_comfyui(device: str, verbose: bool = False) -> None:
+    with _quiet_imports(verbose):
+        _import_comfyui(device)
+
+
+def _import_comfyui(device: str) -> None:
     from ..comfyui_env import ensure_comfyui
+    from .distributed import select_local_device
 
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: torch sees no CUDA GPU (use --device auto or cpu)")
+    if device != "cpu":
+        import torch
+
+        select_local_device(torch.cuda.is_available())  # torchrun: this process's GPU, before ComfyUI
     ensure_comfyui(cpu={"cpu": True, "cuda": False}.get(device))  # no-op inside a running ComfyUI
     import comfy.model_management  # noqa: F401  decides CPU/GPU now
 
@@ -282,13 +342,14 @@ def _init_comfyui(device: str) -> None:
 
 
 def _config_from_args(args):
-    from .settings import build_config, config_fields
+    from .config import DEFAULT_PRESET, field_types
+    from .settings import build_config
 
-    overrides = {name: getattr(args, name) for name in config_fields()}
+    overrides = {name: getattr(args, name) for name in field_types()}
     if args.demo:
         overrides = {**DEMO_OVERRIDES, **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        return build_config(args.preset, overrides)
+        return build_config(args.preset or DEFAULT_PRESET, overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -300,12 +361,17 @@ def _load(args):
 
         ckpt = tiny_models.build_checkpoint("sd15", seed=0)
         return LoadedModels(ckpt.model, ckpt.clip, ckpt.vae, "built-in tiny SD1.5 model (demo)")
-    from .model_loading import load_checkpoint, load_parts
+    from .model_loading import load_checkpoint, load_parts, with_shift
 
     if args.checkpoint and not (args.diffusion_model or args.text_encoder or args.vae):
-        return load_checkpoint(args.checkpoint)
-    return load_parts(args.diffusion_model, args.text_encoder or (), args.vae,
-                      args.clip_type or "stable_diffusion", checkpoint=args.checkpoint)
+        loaded = load_checkpoint(args.checkpoint)
+    else:
+        loaded = load_parts(args.diffusion_model, args.text_encoder or (), args.vae,
+                            args.clip_type or "stable_diffusion", checkpoint=args.checkpoint)
+    if args.shift is not None:
+        loaded.model = with_shift(loaded.model, args.shift)
+        loaded.description += f", shift {args.shift:g}"
+    return loaded
 
 
 def _data(args, config):
@@ -335,88 +401,165 @@ def write_demo_grid(loaded, negative_model, paths, settings, seeds=(0, 1)):
     return path
 
 
-def run(args) -> int:
-    from .errors import NonFiniteLoss, TrainingCancelled, TrainingError
+def _say(message: str) -> None:
+    print(f"comfy-selfnpo-train: {message}", file=sys.stderr, flush=True)
+
+
+def _world(args):
+    """This process's place in a torchrun job (or a single process)."""
+    import comfy.model_management as mm
+
+    from .distributed import world_from_environment
+
+    world = world_from_environment(mm.get_torch_device(), timeout_s=args.dist_timeout)
+    if world.size > 1:
+        _say(f"{world.describe()}, device {mm.get_torch_device()}, pid {os.getpid()}")
+    return world
+
+
+def _session(args, config, paths, stop, world):
     from .previews import PreviewSettings
+    from .session import SessionOptions, TrainingSession
+
+    loaded = _load(args)
+    data = _data(args, config)
+    world.main_only(lambda: _say(
+        f"{loaded.description}; {len(data)} {'images' if args.data else 'prompts'}; {config.mode} mode, "
+        f"{config.steps} steps, {world.describe()}; output {paths.run_dir}"))
+    preview = PreviewSettings(steps=args.preview_steps or (10 if args.demo else 20),
+                              cfg=args.preview_cfg if args.preview_cfg is not None else 7.0, size=config.resolution)
+    options = SessionOptions(resume=bool(args.resume), require_resume=bool(args.resume), refuse_existing=True,
+                             allow_data_change=bool(args.allow_data_change),
+                             preview_every=args.preview_every or 0, preview_prompt=args.preview_prompt or "",
+                             preview_seed=config.seed, preview_settings=preview, should_stop=stop,
+                             sample_prompts=_sample_prompts(args, config), observers=_observers(args, world),
+                             model_name=Path(args.checkpoint or args.diffusion_model or "demo").name,
+                             extra_summary={"model": loaded.description, "command": sys.argv[1:],
+                                            "processes": world.size})
+    session = TrainingSession(loaded.model, loaded.clip, loaded.vae, data, config, paths, options, world=world)
+    return session, loaded, preview
+
+
+def _sample_prompts(args, config):
+    from .previews import parse_sample_prompts
+
+    return parse_sample_prompts(args.sample_prompts, config.seed) if args.sample_prompts else None
+
+
+def _observers(args, world) -> list:
+    """TensorBoard logging (--tensorboard), on the process that writes files."""
+    if not args.tensorboard:
+        return []
+    from .tensorboard_log import TensorBoardLog
+
+    try:
+        return world.main_only(lambda: [TensorBoardLog(Path(args.tensorboard).expanduser())]) or []
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+
+
+def _train(args, config, paths, stop, world) -> int:
+    session, loaded, preview = _session(args, config, paths, stop, world)
+    try:
+        trainer = session.prepare()
+        bar = world.main_only(lambda: ProgressBar(config.steps, trainer.step, enabled=not args.no_progress))
+        session.options.on_step = bar
+        try:
+            result = session.run()
+        finally:
+            if bar is not None:
+                bar.close()  # before the demo grid and the final lines
+    finally:
+        session.close()
+    if args.demo:
+        world.main_only(lambda: _finish_demo(loaded, trainer, paths, preview, result))
+    world.main_only(lambda: _say(f"finished {result.steps} steps in {result.seconds:.1f} s; weights "
+                                 f"{result.weights}; summary {paths.summary}"))
+    world.main_only(lambda: print(result.weights))
+    return EXIT_OK
+
+
+def _finish_demo(loaded, trainer, paths, preview, result) -> None:
+    from .run_files import save_summary
+
+    grid = write_demo_grid(loaded, trainer.negative_model(), paths, preview)
+    result.summary["paths"]["demo_grid"] = str(grid)
+    result.summary["demo_prompts"] = DEMO_PROMPTS[:2]
+    save_summary(paths.summary, result.summary)
+    _say(f"demo grid (CFG vs NPO-CFG, same seeds): {grid}")
+
+
+def _run_paths(args, config):
     from .run_files import RunPaths
-    from .session import OutputError, SessionOptions, TrainingOutOfMemory, TrainingSession, check_run_name
+    from .session import OutputError, check_run_name
 
-    import torch
-
-    config = _config_from_args(args)
     output = Path(args.output or ("selfnpo-demo" if args.demo else "selfnpo-run")).expanduser().resolve()
     try:
         name = check_run_name(args.name or "self_npo")
     except OutputError as e:
         raise UsageError(str(e)) from None
-    paths = RunPaths(run_dir=output, weights=output / f"{name}.safetensors")
-    preview = PreviewSettings(steps=args.preview_steps or (10 if args.demo else 20),
-                              cfg=args.preview_cfg if args.preview_cfg is not None else 7.0,
-                              size=config.resolution)
-    stop = StopRequest()
-    bar = None
-    session = None
-    try:
-        loaded = _load(args)
-        data = _data(args, config)
-        print(f"comfy-selfnpo-train: {loaded.description}; {len(data)} {'images' if args.data else 'prompts'}; "
-              f"{config.mode} mode, {config.steps} steps; output {output}", file=sys.stderr, flush=True)
-        options = SessionOptions(resume=bool(args.resume), require_resume=bool(args.resume), refuse_existing=True,
-                                 preview_every=args.preview_every or 0, preview_prompt=args.preview_prompt or "",
-                                 preview_seed=config.seed, preview_settings=preview, should_stop=stop,
-                                 extra_summary={"model": loaded.description, "command": sys.argv[1:]})
-        session = TrainingSession(loaded.model, loaded.clip, loaded.vae, data, config, paths, options)
-        stop.install()
-        trainer = session.prepare()
-        bar = ProgressBar(config.steps, trainer.step, enabled=not args.no_progress)
-        options.on_step = bar
-        result = session.run()
-        bar.close()  # before the demo grid and the final lines (closing again in `finally` is a no-op)
-        if args.demo:
-            grid = write_demo_grid(loaded, trainer.negative_model(), paths, preview)
-            result.summary["paths"]["demo_grid"] = str(grid)
-            result.summary["demo_prompts"] = DEMO_PROMPTS[:2]
-            from .run_files import save_summary
+    return RunPaths(run_dir=output, weights=output / f"{name}.safetensors")
 
-            save_summary(paths.summary, result.summary)
-            print(f"comfy-selfnpo-train: demo grid (CFG vs NPO-CFG, same seeds): {grid}", file=sys.stderr)
-        print(f"comfy-selfnpo-train: finished {result.steps} steps in {result.seconds:.1f} s; "
-              f"weights {result.weights}; summary {paths.summary}", file=sys.stderr, flush=True)
-        print(result.weights)
-        return EXIT_OK
-    except TrainingCancelled as e:
-        print(f"comfy-selfnpo-train: {e}. Continue with the same command plus --resume.", file=sys.stderr)
+
+def _is_lost_process(e: BaseException) -> bool:
+    """A collective failed because another process of the job is gone (gloo/NCCL/store errors)."""
+    import torch.distributed as dist
+
+    return isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(text in str(e) for text in ("Connection closed by peer",
+                                                                        "Connection reset by peer",
+                                                                        "Broken pipe", "timed out")))
+
+
+def _exit_code(e: BaseException, stop) -> int:
+    """Print what happened (one line, no traceback) and return the documented exit status; anything
+    unexpected is re-raised (main prints the traceback, exit 1)."""
+    import torch
+
+    from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError, out_of_memory
+    from .session import OutputError, describe_os_error
+
+    if isinstance(e, TrainingCancelled):
+        _say(f"{e}. Continue with the same command plus --resume.")
         return EXIT_SIGNAL.get(stop.signum, 130)
-    except KeyboardInterrupt:
-        print("comfy-selfnpo-train: interrupted; the trainer saved a resumable checkpoint if it had started "
-              "(continue with --resume).", file=sys.stderr)
-        return 130
-    except TrainingOutOfMemory as e:
-        print(f"comfy-selfnpo-train: {e}", file=sys.stderr)
+    if isinstance(e, KeyboardInterrupt):
+        _say("interrupted; the trainer saved a resumable checkpoint if it had started (continue with --resume).")
+        return EXIT_SIGNAL.get(stop.signum, 130)
+    if isinstance(e, (OutOfMemory, torch.OutOfMemoryError)):  # a bare torch error: while loading
+        _say(str(e if isinstance(e, OutOfMemory) else out_of_memory(e, 0)))
         return EXIT_OOM
-    except NonFiniteLoss as e:
-        print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except OutputError as e:
-        print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
+    for kind, code in ((NonFiniteLoss, EXIT_NONFINITE), (OutputError, EXIT_WRITE), (TrainingError, EXIT_INPUT)):
+        if isinstance(e, kind):  # TrainingError: ModelLoadError, UnsupportedModel, DataError, ResumeMismatch, ...
+            _say(f"error: {e}")
+            return code
+    if isinstance(e, OSError):  # e.g. a log file could not be written
+        _say(f"error: {describe_os_error(e, 'the run files')}")
         return EXIT_WRITE
-    except torch.OutOfMemoryError as e:  # while loading, before the session could catch it
-        from .session import OOM_HINT
+    if _is_lost_process(e):
+        _say(f"error: lost contact with another process of this torchrun job ({str(e).splitlines()[0]}); "
+             "every process stops. The last checkpoint is kept: fix the failed process or machine and rerun "
+             "with --resume.")
+        return EXIT_LOST
+    raise e
 
-        print(f"comfy-selfnpo-train: {OOM_HINT} ({str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
-        return EXIT_OOM
-    except TrainingError as e:  # ModelLoadError, UnsupportedModel, DataError, ResumeMismatch, ...
-        print(f"comfy-selfnpo-train: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
-    except OSError as e:  # e.g. a log file could not be written
-        from .session import describe_os_error
 
-        print(f"comfy-selfnpo-train: error: {describe_os_error(e, 'the run files')}", file=sys.stderr)
-        return EXIT_WRITE
+def run(args) -> int:
+    config = _config_from_args(args)
+    paths = _run_paths(args, config)
+    from .distributed import launched_by_torchrun
+
+    stop = StopRequest(escalate=not launched_by_torchrun())
+    world = None
+    try:
+        world = _world(args)
+        stop.install()
+        return _train(args, config, paths, stop, world)
+    except BaseException as e:  # noqa: B902  every outcome gets its documented exit status
+        return _exit_code(e, stop)
     finally:
         stop.restore()
-        if bar is not None:
-            bar.close()
+        if world is not None:
+            world.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_toml(args, parser)
         _check_args(args)
         restore_logging = _setup_logging(bool(args.verbose))
-        _init_comfyui(args.device or "auto")
+        _init_comfyui(args.device or "auto", bool(args.verbose))
         code = run(args)
     except SystemExit as e:  # argparse: --help (0) or bad flags (2)
         return int(e.code or 0)

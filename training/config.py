@@ -1,4 +1,9 @@
-"""TDFT hyper-parameters (SPEC §3), the published recipes and LoRA presets sized for consumer GPUs.
+"""TDFT hyper-parameters (docs/algorithm.md §3), the published recipes and LoRA presets sized for
+consumer GPUs.
+
+Each hyper-parameter is described once, here: its default, its meaning and its allowed values live in
+the field's metadata (`hp(...)`). Validation, the CLI's flags and help, the settings parser and the
+training node's tooltips all read them from there (`describe`, `choices_of`).
 
 `TDFTConfig` is plain data: the trainer, the node and the CLI all build one with `make_config`,
 checkpoints store `to_dict()`, and resuming compares the stored dict with the new one.
@@ -6,59 +11,77 @@ checkpoints store `to_dict()`, and resuming compares the stored dict with the ne
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, fields
 
-LOSSES = ("huber", "l2")
-TEACHERS = ("ema", "base")
-MODES = ("full", "lora")
-UNCONDS = ("empty_prompt", "zeros")
-OPTIMIZERS = ("adamw", "adamw8bit")
-SCHEDULES = ("constant", "warmup", "cosine")
-PRECISIONS = ("no", "fp16", "bf16")
-OUTPUT_FORMATS = ("lora", "offset", "unet")
 LORA_TARGET_NAMES = ("attn", "attn+ff", "all_linear")
+
+
+def hp(default, help: str, *, choices=None, gt=None, ge=None, lt=None, le=None, multiple_of=None):
+    """A hyper-parameter field: default, meaning (CLI help, node tooltip) and allowed values."""
+    rules = {"choices": choices, "gt": gt, "ge": ge, "lt": lt, "le": le, "multiple_of": multiple_of}
+    return dataclasses.field(default=default, metadata={"help": help, **rules})
 
 
 @dataclass
 class TDFTConfig:
-    # algorithm (SPEC §3)
-    grid_size: int = 25                 # N (DDIM grid over T)
-    truncation_steps: int = 5           # K
-    corruption_guidance: float = -1.0   # w (-1 SD1.x/SD2, -5 SDXL)
-    uncond: str = "empty_prompt"        # "empty_prompt" | "zeros" (SDXL: zeroed embeddings)
-    loss: str = "huber"                 # "huber" | "l2"
-    huber_c: float = 0.001
+    # algorithm (docs/algorithm.md §3)
+    grid_size: int = hp(25, "N: size of the DDIM grid over the model's timesteps", ge=2, le=1000)
+    truncation_steps: int = hp(5, "K: teacher DDIM steps per sample before the truncation point", ge=1)
+    corruption_guidance: float = hp(
+        -1.0, "w: guidance applied to the teacher to corrupt its predictions (-1 = unconditional only: "
+        "SD1.x/SD2 as published and the default for flow DiTs and video models, an extension; -5 SDXL)")
+    uncond: str = hp("empty_prompt", "the teacher's unconditional input: the empty prompt's encoding, or "
+                     "zeroed embeddings (SDXL recipe)", choices=("empty_prompt", "zeros"))
+    loss: str = hp("huber", "regression loss in x0 space: pseudo-Huber or squared error",
+                   choices=("huber", "l2"))
+    huber_c: float = hp(0.001, "c of the pseudo-Huber loss sqrt(d² + c²) − c", gt=0)
     # teacher
-    teacher: str = "ema"                # "ema" | "base"  (base = frozen initial weights)
-    ema_decay: float = 0.999
+    teacher: str = hp("ema", "ema: an EMA of the student (the paper); base: the frozen initial model "
+                      "(no extra copy, cheaper)", choices=("ema", "base"))
+    ema_decay: float = hp(0.999, "EMA teacher decay d: θ⁻ ← d·θ⁻ + (1 − d)·θ", ge=0, lt=1)
     # trainable parameters
-    mode: str = "full"                  # "full" | "lora"
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    lora_targets: str = "attn"          # "attn" | "attn+ff" | "all_linear" | regex
+    mode: str = hp("full", "train all weights (the paper) or a LoRA adapter (extension)",
+                   choices=("full", "lora"))
+    lora_rank: int = hp(16, "LoRA rank r", ge=1)
+    lora_alpha: float = hp(16.0, "LoRA alpha (the adapter is scaled by alpha / rank)", gt=0)
+    lora_targets: str = hp("attn", "layers the LoRA trains: attn | attn+ff (the model family's attention / "
+                           "feed-forward layers) | all_linear | a regex over layer names")
     # optimisation
-    learning_rate: float = 1e-6
-    weight_decay: float = 1e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    optimizer: str = "adamw"            # "adamw" | "adamw8bit" (bitsandbytes; warn+fallback)
-    lr_schedule: str = "constant"       # "constant" | "warmup" | "cosine"
-    warmup_steps: int = 0
-    batch_size: int = 1
-    grad_accum: int = 1
-    steps: int = 1000
-    mixed_precision: str = "no"         # "no" | "fp16" | "bf16" (fp16 uses a GradScaler)
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    resolution: int = 512               # image mode: training resolution (aspect-aware crop)
-    trajectory_buffer: int = 64         # data-free mode: buffered trajectories
-    save_every: int = 0                 # resumable checkpoint every N steps (0 = only at end/cancel)
-    output_format: str = "lora"         # "lora" | "offset" | "unet" (lora needs mode="lora";
-                                        #  a full-mode run can be saved as offset or unet;
-                                        #  make_config picks "offset" for full mode)
+    learning_rate: float = hp(1e-6, "AdamW learning rate (1e-6 SD1.5 and 1e-7 SDXL full; ~1e-4 LoRA)", ge=0)
+    weight_decay: float = hp(1e-3, "AdamW weight decay", ge=0)
+    adam_beta1: float = hp(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = hp(0.999, "AdamW beta2", ge=0, lt=1)
+    adam_eps: float = hp(1e-8, "AdamW epsilon", gt=0)
+    max_grad_norm: float = hp(1.0, "gradient clipping by global norm (0 = off)", ge=0)
+    optimizer: str = hp("adamw", "adamw, or adamw8bit (needs bitsandbytes; falls back to adamw with a "
+                        "warning)", choices=("adamw", "adamw8bit"))
+    lr_schedule: str = hp("constant", "learning-rate schedule", choices=("constant", "warmup", "cosine"))
+    warmup_steps: int = hp(0, "steps of linear learning-rate warm-up", ge=0)
+    batch_size: int = hp(1, "items per micro-batch and process (the global batch is batch_size × "
+                         "number of processes)", ge=1)
+    grad_accum: int = hp(1, "micro-batches per optimizer step", ge=1)
+    steps: int = hp(1000, "optimizer steps", ge=1)
+    mixed_precision: str = hp("no", "autocast dtype of the forward passes (fp16 adds a gradient scaler; "
+                              "auto: fp16 for SD UNets, bf16 for DiT and video families)",
+                              choices=("no", "fp16", "bf16", "auto"))
+    gradient_checkpointing: bool = hp(False, "recompute block activations in the backward pass (less "
+                                      "memory, same gradients)")
+    seed: int = hp(0, "seed of every random draw (start levels, noise, LoRA initialisation)",
+                   ge=0, lt=2 ** 63)
+    resolution: int = hp(512, "image mode: training resolution in pixels (aspect-aware centre crop); "
+                         "data-free mode: the size of the generated latents", ge=64, multiple_of=8)
+    frames: int = hp(0, "video models: frames per training clip, c·k+1 for a VAE that compresses time c-fold "
+                     "(Wan, HunyuanVideo: 1, 5, 9, ...); 0 = 17 for video models, 1 for image models", ge=0)
+    fps: float = hp(16.0, "video clips in the data: the frame rate they are sampled at", gt=0)
+    trajectory_buffer: int = hp(64, "data-free mode: number of buffered teacher trajectories", ge=1)
+    save_every: int = hp(0, "every N steps: a resumable checkpoint and an exported step file "
+                         "<name>-stepNNNNNN.safetensors (0 = only at the end or on stop)", ge=0)
+    keep_last: int = hp(3, "how many exported step files to keep (0 = all)", ge=0)
+    output_format: str = hp("lora", "file written: lora (LoRA runs), offset (exact weight difference) or "
+                            "unet (whole trained UNet); full-mode runs default to offset",
+                            choices=("lora", "offset", "unet"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,43 +96,15 @@ class TDFTConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value and what is allowed."""
-        def choice(name, allowed):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
-
-        def positive(name, allow_zero=False):
-            value = getattr(self, name)
-            if not (value >= 0 if allow_zero else value > 0):
-                raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-        for name, allowed in (("loss", LOSSES), ("teacher", TEACHERS), ("mode", MODES),
-                              ("uncond", UNCONDS), ("optimizer", OPTIMIZERS),
-                              ("lr_schedule", SCHEDULES), ("mixed_precision", PRECISIONS),
-                              ("output_format", OUTPUT_FORMATS)):
-            choice(name, allowed)
-        for name in ("grid_size", "truncation_steps", "batch_size", "grad_accum", "steps",
-                     "resolution", "trajectory_buffer", "lora_rank", "huber_c", "lora_alpha",
-                     "adam_eps"):
-            positive(name)
-        for name in ("learning_rate", "weight_decay", "warmup_steps", "save_every", "max_grad_norm"):
-            positive(name, allow_zero=True)
-        if self.grid_size > 1000:
-            raise ValueError(f"grid_size={self.grid_size} is larger than the 1000 training timesteps")
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
         if self.truncation_steps >= self.grid_size:
             raise ValueError(f"truncation_steps={self.truncation_steps} must be smaller than "
                              f"grid_size={self.grid_size}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.resolution % 8:
-            raise ValueError(f"resolution={self.resolution} must be a multiple of 8 (VAE downscale)")
         if self.lr_schedule == "warmup" and self.warmup_steps == 0:
             raise ValueError("lr_schedule='warmup' needs warmup_steps > 0")
         # output_format='lora' with mode='full' (the bare dataclass default) is accepted here;
-        # make_config picks 'offset' for full mode, and export() refuses a LoRA of a full run.
+        # make_config picks 'offset' for full mode, and the export refuses a LoRA of a full run.
         if self.lora_targets not in LORA_TARGET_NAMES:
             try:
                 re.compile(self.lora_targets)
@@ -118,8 +113,52 @@ class TDFTConfig:
                                  f"{list(LORA_TARGET_NAMES)} nor a valid regex: {e}") from None
 
 
-# The authors' released recipes (SPEC §3; Self-NPO/train.py and train_xl.py). Their batch is per GPU
-# times GPUs (20 x 4 for SD1.5); on one GPU we keep the per-step batch with gradient accumulation.
+_BOUNDS = (("gt", ">", lambda v, b: v > b), ("ge", ">=", lambda v, b: v >= b),
+           ("lt", "<", lambda v, b: v < b), ("le", "<=", lambda v, b: v <= b))
+
+
+def _check_field(f: dataclasses.Field, value) -> None:
+    rules = f.metadata
+    kind = type(f.default)
+    if kind is float and not (isinstance(value, (int, float)) and math.isfinite(value)):
+        raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{f.name} must be a whole number, got {value!r}")
+    if rules.get("choices") and value not in rules["choices"]:
+        raise ValueError(f"{f.name}={value!r} is not one of {list(rules['choices'])}")
+    for rule, sign, ok in _BOUNDS:
+        bound = rules.get(rule)
+        if bound is not None and not ok(value, bound):
+            raise ValueError(f"{f.name} must be {sign} {bound}, got {value!r}")
+    if rules.get("multiple_of") and value % rules["multiple_of"]:
+        raise ValueError(f"{f.name}={value} must be a multiple of {rules['multiple_of']}")
+
+
+def describe(name: str) -> str:
+    """The meaning of a hyper-parameter, with its allowed values (CLI help, node tooltips)."""
+    f = _FIELDS[name]
+    text = f.metadata["help"]
+    limits = [f"{sign} {f.metadata[rule]}" for rule, sign, _ok in _BOUNDS if f.metadata.get(rule) is not None]
+    if limits and type(f.default) is not bool:
+        text += f" ({', '.join(limits)})"
+    return text
+
+
+def choices_of(name: str) -> tuple | None:
+    return _FIELDS[name].metadata.get("choices")
+
+
+def field_types() -> dict[str, type]:
+    """Field name -> the type its value must have (taken from the default: bool/int/float/str)."""
+    return {f.name: type(f.default) for f in fields(TDFTConfig)}
+
+
+_FIELDS = {f.name: f for f in fields(TDFTConfig)}
+
+
+# The authors' released recipes (docs/algorithm.md §3; Self-NPO/train.py and train_xl.py). Their batch
+# is per GPU times GPUs (20 x 4 for SD1.5); on one GPU we keep the per-step batch with gradient
+# accumulation (on 4 processes: batch_size 20, grad_accum 1).
 _RECIPE_SD15 = dict(
     grid_size=25, truncation_steps=5, corruption_guidance=-1.0, uncond="empty_prompt",
     loss="huber", huber_c=0.001, teacher="ema", ema_decay=0.999, mode="full",
@@ -132,11 +171,14 @@ _RECIPE_SDXL = dict(
 
 # LoRA presets for one consumer GPU (SD1.5 at 512 or SDXL at 1024 with the lower ones needing
 # gradient checkpointing). The frozen base as teacher costs no extra copy of the weights. LoRA needs
-# a much larger learning rate than full fine-tuning because the adapter starts at zero.
+# a much larger learning rate than full fine-tuning because the adapter starts at zero. "attn" and
+# "auto" precision mean what the model family needs (training/families.py): its attention layers,
+# fp16 for SD UNets and bf16 for DiTs.
 _LORA_COMMON = dict(
     grid_size=25, truncation_steps=5, loss="huber", huber_c=0.001, teacher="base", mode="lora",
-    lora_alpha=None, learning_rate=1e-4, weight_decay=1e-3, max_grad_norm=1.0, steps=1000,
-    mixed_precision="fp16", output_format="lora")
+    learning_rate=1e-4, weight_decay=1e-3, max_grad_norm=1.0, steps=1000,
+    mixed_precision="auto", output_format="lora")
+DEFAULT_PRESET = "lora-12gb"  # what the training node and comfy-selfnpo-train start from
 PRESETS: dict[str, dict] = {
     "sd15": _RECIPE_SD15,
     "sdxl": _RECIPE_SDXL,
@@ -149,6 +191,8 @@ PRESETS: dict[str, dict] = {
     "lora-24gb": dict(_LORA_COMMON, lora_rank=32, lora_alpha=32.0, lora_targets="attn+ff",
                       batch_size=8, grad_accum=1, gradient_checkpointing=False),
 }
+for _name, _values in PRESETS.items():  # a preset names only real hyper-parameters
+    assert set(_values) <= set(_FIELDS), (_name, set(_values) - set(_FIELDS))
 
 
 def make_config(preset: str | None = None, **overrides) -> TDFTConfig:
@@ -157,8 +201,8 @@ def make_config(preset: str | None = None, **overrides) -> TDFTConfig:
     values: dict = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        values.update({k: v for k, v in PRESETS[preset].items() if v is not None})
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("mode", "full") == "full" and "output_format" not in values:
         values["output_format"] = "offset"  # a full-mode run cannot be saved as a LoRA

@@ -23,10 +23,32 @@ class UnsupportedModel(TrainingError):
     """The model kind cannot be trained with TDFT (e.g. no discrete or flow noise schedule)."""
 
 
+OOM_HINT = ("Out of memory. Try, in this order: a LoRA preset (lora-8gb/lora-12gb), a smaller "
+            "batch_size (raise grad_accum to keep the effective batch), gradient_checkpointing=true, "
+            "a lower resolution, mixed_precision=bf16/fp16, or teacher=base (no EMA copy).")
+
+
 class OutOfMemory(TrainingError):
-    """The device ran out of memory in a step; train() saved a resumable checkpoint of the state
-    before that step first (`checkpoint_path`)."""
-    checkpoint_path = None
+    """The device ran out of memory. A step that runs out leaves the run as it was before that step;
+    `checkpoint_path` is where that state was saved (None when nothing could be saved)."""
+
+    def __init__(self, message: str, step: int = 0, checkpoint_path=None, detail: str = ""):
+        super().__init__(message)
+        self.step, self.checkpoint_path, self.detail = step, checkpoint_path, detail
+
+
+def out_of_memory(cause: BaseException, step: int, checkpoint_path=None) -> OutOfMemory:
+    """The one out-of-memory error every front end shows: the hint, what was saved, where it happened.
+    `step`: steps completed; `checkpoint_path`: where the state before the failed step was saved."""
+    if checkpoint_path is not None:
+        saved_note = (f"A resumable checkpoint of the state before step {step + 1} was saved to {checkpoint_path}: "
+                      "resume it with the same settings where more memory is free, or start a new run with "
+                      "smaller ones.")
+    else:
+        saved_note = "No checkpoint could be saved now; the last periodic checkpoint (if any) is kept."
+    detail = getattr(cause, "detail", "") or (str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
+    message = " ".join(part for part in (OOM_HINT, saved_note, f"(step {step + 1}: {detail})") if part)
+    return OutOfMemory(message, step=step, checkpoint_path=checkpoint_path, detail=detail)
 
 
 class TrainingCancelled(TrainingError):

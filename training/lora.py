@@ -1,4 +1,4 @@
-"""LoRA adapters trained through ComfyUI's own UNet, and gradient checkpointing for it.
+"""LoRA adapters trained through ComfyUI's own UNet.
 
 The adapters are ours: trainable `down`/`up` matrices per targeted Linear/Conv2d, added to the
 layer's output by a forward hook (y = W·x + (α/r)·up·down·x). Hooks are attached only while the
@@ -11,6 +11,7 @@ Exported with kohya names (`lora_unet_<diffusers name>.lora_down/.lora_up/.alpha
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TrainingError
+
+log = logging.getLogger("comfy_selfnpo.training")
 
 _ATTN = re.compile(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _FF = re.compile(r"(^|\.)ff\.net\.(0\.proj|2)$")
@@ -52,12 +55,18 @@ def select_targets(diffusion_model: torch.nn.Module, targets: str) -> list[str]:
 
 class LoRALayer(torch.nn.Module):
     """down: [r, in(, kh, kw)], up: [out, r(, 1, 1)]; up starts at zero so training starts at the
-    base model (kohya's initialisation: down ~ kaiming-uniform(a=√5))."""
+    base model (kohya's initialisation: down ~ kaiming-uniform(a=√5)).
+
+    A rank above what the layer can use (min(out, in·kernel): beyond it the product is full rank
+    anyway) is capped there, with alpha scaled along so that the scale alpha/rank is unchanged."""
 
     def __init__(self, base: torch.nn.Module, rank: int, alpha: float, gen: torch.Generator):
         super().__init__()
         self.is_conv = isinstance(base, torch.nn.Conv2d)
         w = base.weight
+        full_rank = min(w.shape[0], w[0].numel())
+        if rank > full_rank:
+            rank, alpha = full_rank, alpha * full_rank / rank
         if self.is_conv:
             down_shape = (rank, w.shape[1]) + tuple(w.shape[2:])
             up_shape = (w.shape[0], rank, 1, 1)
@@ -98,6 +107,11 @@ class LoRAAdapters(torch.nn.Module):
         self.names = select_targets(diffusion_model, targets)
         gen = torch.Generator().manual_seed(seed)
         modules = dict(diffusion_model.named_modules())
+        capped = [n for n in self.names if rank > min(modules[n].weight.shape[0], modules[n].weight[0].numel())]
+        if capped:
+            log.warning("lora_rank=%d is larger than %d of the %d targeted layers can use (e.g. %s); those train "
+                        "at their full rank instead (same alpha/rank scale)", rank, len(capped), len(self.names),
+                        capped[0])
         self.layers = torch.nn.ModuleDict(
             {_key(n): LoRALayer(modules[n], rank, alpha, gen) for n in self.names})
         self.ema = None
@@ -107,7 +121,7 @@ class LoRAAdapters(torch.nn.Module):
             self.ema.load_state_dict(self.layers.state_dict())
             self.ema.requires_grad_(False)
         self.rank, self.alpha = rank, float(alpha)
-        self.active = "student"  # "student" | "ema" | "off"
+        self._active = self.layers  # the adapter set the hooks add: student, EMA, or None (adapter off)
 
     def trainable_parameters(self):
         return list(self.layers.parameters())
@@ -135,24 +149,20 @@ class LoRAAdapters(torch.nn.Module):
 
     @contextlib.contextmanager
     def use(self, which: str):
-        previous, self.active = self.active, which
+        """Forward passes inside the block add the "student" adapter, its "ema" copy, or nothing ("off")."""
+        previous = self._active
+        self._active = {"student": self.layers, "ema": self.ema, "off": None}[which]
         try:
             yield
         finally:
-            self.active = previous
+            self._active = previous
 
     def _make_hook(self, key: str):
         def hook(module, inputs, output):
-            if self.active == "off":
+            if self._active is None:
                 return None
-            layers = self.layers if self.active == "student" else self.ema
-            return output + layers[key](inputs[0]).to(output.dtype)
+            return output + self._active[key](inputs[0]).to(output.dtype)
         return hook
-
-    @torch.no_grad()
-    def update_ema(self, decay: float) -> None:
-        from .ema import ema_update
-        ema_update(list(self.ema.parameters()), list(self.layers.parameters()), decay)
 
     def weight_deltas(self) -> dict[str, torch.Tensor]:
         """Module name -> ΔW of the student adapter."""
@@ -166,7 +176,7 @@ class LoRAAdapters(torch.nn.Module):
             layer, k = self.layers[_key(n)], names[n]
             out[f"{k}.lora_down.weight"] = layer.down.detach().float().cpu().contiguous()
             out[f"{k}.lora_up.weight"] = layer.up.detach().float().cpu().contiguous()
-            out[f"{k}.alpha"] = torch.tensor(self.alpha)
+            out[f"{k}.alpha"] = torch.tensor(layer.alpha)
         return out
 
 
@@ -187,52 +197,3 @@ def kohya_names(base_model, module_names: list[str]) -> dict[str, str]:
         candidates = [k for k in by_unet_key.get(f"diffusion_model.{n}.weight", []) if k != ldm]
         out[n] = sorted(candidates)[0] if candidates else ldm
     return out
-
-
-# ------------------------------------------------------------------ gradient checkpointing
-
-
-def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks whose activations are recomputed in the backward pass: the UNet's input, middle
-    and output blocks; for other architectures the entries of every top-level ModuleList."""
-    blocks = []
-    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
-        # ComfyUI's UNet runs a TimestepEmbedSequential layer by layer (forward_timestep_embed), never
-        # through the sequence's own forward: wrap its layers (ResBlocks, SpatialTransformers, ...)
-        seqs = list(diffusion_model.input_blocks) + list(diffusion_model.output_blocks)
-        if getattr(diffusion_model, "middle_block", None) is not None:
-            seqs.append(diffusion_model.middle_block)
-        for seq in seqs:
-            blocks += list(seq) if isinstance(seq, torch.nn.Sequential) else [seq]
-    else:
-        for child in diffusion_model.children():
-            if isinstance(child, torch.nn.ModuleList):
-                blocks += list(child)
-    return blocks
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True):
-    """Recompute block activations during backward (torch.utils.checkpoint, non-reentrant) instead
-    of storing them. ComfyUI's own `checkpoint()` helper is a no-op, so we wrap block forwards."""
-    if not enabled:
-        yield
-        return
-    import torch.utils.checkpoint as cp
-
-    patched = []
-    for block in checkpoint_blocks(diffusion_model):
-        original = block.forward
-
-        def fwd(*args, _orig=original, **kwargs):
-            if not torch.is_grad_enabled():
-                return _orig(*args, **kwargs)
-            return cp.checkpoint(lambda a, k: _orig(*a, **k), args, kwargs, use_reentrant=False)
-
-        block.forward = fwd
-        patched.append(block)
-    try:
-        yield
-    finally:
-        for block in patched:
-            del block.forward  # back to the class's forward

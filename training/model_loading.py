@@ -8,6 +8,7 @@ Call `comfyui_env.ensure_comfyui()` before importing this module.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,13 @@ def _read_state_dict(path, what: str):
     import comfy.utils
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ModelLoadError(f"the {what} {str(path)!r} is a folder; give the model file itself "
+                             "(.safetensors, .ckpt, .pt)")
     if not path.is_file():
         raise ModelLoadError(f"{what} file not found: {str(path)!r}")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"cannot read the {what} {str(path)!r}: permission denied")
     try:
         return comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     except Exception as e:  # safetensors/pickle raise many kinds for damaged files
@@ -54,6 +60,28 @@ def _unsupported(path, what):
         f"ComfyUI does not recognise the {what} {str(path)!r} as a diffusion model it can load "
         "(unsupported architecture, or not a diffusion checkpoint). Self-NPO training supports the "
         "UNet/DiT models ComfyUI loads, e.g. SD1.5, SD2 and SDXL checkpoints.")
+
+
+# ComfyUI fills in these itself when a file lacks them
+_OPTIONAL_TEXT_ENCODER_KEYS = (".logit_scale", ".text_projection.weight", "position_ids")
+
+
+def _check_text_encoder_weights(clip, state_dicts, paths) -> None:
+    """ComfyUI builds a text encoder even from a file that holds none of its weights (a VAE given as
+    --text-encoder), leaving it uninitialised: NaN or random embeddings. Refuse that instead."""
+    missing_everywhere = None
+    for sd in state_dicts:
+        missing, _unexpected = clip.load_sd(dict(sd))
+        missing = {k for k in missing if not k.endswith(_OPTIONAL_TEXT_ENCODER_KEYS)}
+        missing_everywhere = missing if missing_everywhere is None else missing_everywhere & missing
+    total = len(clip.cond_stage_model.state_dict())
+    if missing_everywhere and len(missing_everywhere) > 0.1 * total:
+        names = ", ".join(Path(p).name for p in paths)
+        raise ModelLoadError(
+            f"the text encoder file(s) {names} hold {total - len(missing_everywhere)} of the {total} weights of "
+            f"the text encoder ComfyUI built for them ({len(missing_everywhere)} missing, e.g. "
+            f"{sorted(missing_everywhere)[0]}): is it a text encoder (not a VAE or diffusion model), and the "
+            "right --clip-type?")
 
 
 def load_checkpoint(path) -> LoadedModels:
@@ -104,12 +132,14 @@ def load_parts(diffusion_model=None, text_encoders=(), vae=None, clip_type: str 
         except KeyError:
             raise ModelLoadError(f"unknown --clip-type {clip_type!r}; choose from "
                                  f"{', '.join(t.name.lower() for t in comfy.sd.CLIPType)}") from None
+        # ComfyUI converts older layouts in place, inside this list: check the weights it then loaded
         state_dicts = [_read_state_dict(p, "text encoder")[0] for p in text_encoders]
         try:
             clip = comfy.sd.load_text_encoder_state_dicts(state_dicts, embedding_directory=_embedding_dirs(),
                                                           clip_type=kind)
         except Exception as e:
             raise ModelLoadError(f"ComfyUI could not build a text encoder from {list(map(str, text_encoders))}: {e}") from e
+        _check_text_encoder_weights(clip, state_dicts, text_encoders)
         parts.append("text encoder " + " + ".join(Path(p).name for p in text_encoders))
     if vae:
         sd, metadata = _read_state_dict(vae, "VAE")
@@ -126,3 +156,28 @@ def load_parts(diffusion_model=None, text_encoders=(), vae=None, clip_type: str 
         raise ModelLoadError("no text encoder: pass --text-encoder FILE (twice for SDXL's CLIP-L and "
                              "CLIP-G, with --clip-type sdxl) or a --checkpoint that contains one")
     return LoadedModels(model, clip, vae_obj, ", ".join(parts))
+
+
+def with_shift(model, shift: float):
+    """A clone of a flow MODEL sampling (and so training) with another timestep shift, as ComfyUI's
+    ModelSamplingSD3 / ModelSamplingFlux / ModelSamplingAuraFlow nodes set it: the same schedule class,
+    new parameters. EPS/V models have no shift: UnsupportedModel."""
+    import inspect
+
+    import comfy.model_sampling
+
+    current = model.get_model_object("model_sampling")
+    if not isinstance(current, comfy.model_sampling.CONST):
+        raise UnsupportedModel(f"--shift applies to flow models (SD3, Flux, Chroma, Wan, Qwen-Image, ...); this "
+                               f"model samples with {type(current).__name__}")
+    if shift <= 0:
+        raise ModelLoadError(f"--shift must be > 0, got {shift}")
+    sampling = type(current)(model.model.model_config)
+    parameters = inspect.signature(sampling.set_parameters).parameters
+    kwargs = {"shift": shift}
+    if "multiplier" in parameters:
+        kwargs["multiplier"] = current.multiplier
+    sampling.set_parameters(**kwargs)
+    clone = model.clone()
+    clone.add_object_patch("model_sampling", sampling)
+    return clone

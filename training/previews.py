@@ -6,9 +6,14 @@ so what the preview shows is what the guider nodes will produce.
 """
 from __future__ import annotations
 
+import dataclasses
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from .errors import DataError
 
 
 @dataclass
@@ -97,3 +102,66 @@ def side_by_side(cfg_image, npo_image, caption: str = ""):
 
     scale = max(1, 256 // max(cfg_image.width, 1))
     return labelled_grid([[cfg_image, npo_image]], ["CFG", "NPO-CFG"], scale=scale)
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One row of the previews: a prompt, its seed, and optionally its own negative prompt, CFG scale
+    and sampling steps (kohya's sample-prompt options --n, --d, --l, --s)."""
+    prompt: str
+    seed: int = 0
+    negative: str | None = None
+    cfg: float | None = None
+    steps: int | None = None
+
+    def settings(self, base: PreviewSettings) -> PreviewSettings:
+        changes = {k: v for k, v in (("negative_prompt", self.negative), ("cfg", self.cfg), ("steps", self.steps))
+                   if v is not None}
+        return dataclasses.replace(base, **changes)
+
+
+_OPTIONS = {"--n": ("negative", str), "--d": ("seed", int), "--l": ("cfg", float), "--s": ("steps", int)}
+
+
+def parse_sample_prompts(path, default_seed: int = 0) -> list[SamplePrompt]:
+    """kohya's sample-prompt file: one prompt per line, each optionally followed by `--n <negative>`,
+    `--d <seed>`, `--l <cfg>`, `--s <steps>` (other kohya options, `--w`/`--h`, are ignored: previews
+    use the training resolution). Blank lines and `#` comments are skipped."""
+    from .data import read_text_file
+
+    prompts = []
+    for number, line in enumerate(read_text_file(Path(path).expanduser(), "sample prompts file").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        prompts.append(_parse_line(line, number, path, default_seed))
+    if not prompts:
+        raise DataError(f"the sample prompts file {str(path)!r} has no prompt")
+    return prompts
+
+
+def _parse_line(line: str, number: int, path, default_seed: int) -> SamplePrompt:
+    parts = (" " + line).split(" --")
+    values = {"prompt": parts[0].strip(), "seed": default_seed}
+    for part in parts[1:]:
+        flag, _, value = part.partition(" ")
+        if f"--{flag}" not in _OPTIONS:
+            continue
+        name, kind = _OPTIONS[f"--{flag}"]
+        try:
+            values[name] = kind(value.strip())
+        except ValueError:
+            raise DataError(f"{str(path)!r} line {number}: --{flag} {value.strip()!r} is not a valid "
+                            f"{kind.__name__}") from None
+    return SamplePrompt(**values)
+
+
+def preview_grid(model, negative_model, clip, vae, prompts: list[SamplePrompt], settings: PreviewSettings):
+    """CFG | NPO-CFG side by side, one row per sample prompt, each with its own seed."""
+    from .run_files import labelled_grid
+
+    rows = [list(sample_cfg_and_npo(model, negative_model, clip, vae, p.prompt, p.seed, p.settings(settings)))
+            for p in prompts]
+    scale = max(1, 256 // max(rows[0][0].width, 1))
+    labels = [p.prompt[:18] for p in prompts] if len(prompts) > 1 else None
+    return labelled_grid(rows, ["CFG", "NPO-CFG"], labels, scale=scale)

@@ -1,6 +1,6 @@
 """The files a training run leaves next to its weights: loss CSV, loss plot PNG, preview PNGs and a
 JSON summary. Shared by the training node and `comfy-selfnpo-train`; every write is atomic
-(`checkpoint.atomic_write`), so a crash or a full disk never leaves a half-written file behind.
+(`atomic_files.atomic_write`), so a crash or a full disk never leaves a half-written file behind.
 
 The plot is drawn with PIL (no matplotlib: the pack's dependencies stay torch + ComfyUI's own).
 """
@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import atomic_write, save_json
+from . import checkpoint
+from .atomic_files import atomic_write, save_json
 
 CSV_COLUMNS = ("step", "loss", "lr", "teacher_s", "student_s", "elapsed_s")
 
@@ -45,7 +46,24 @@ class RunPaths:
         return self.run_dir / "summary.json"
 
     def has_checkpoint(self) -> bool:
-        return (self.checkpoint / "state.pt").is_file()
+        return checkpoint.exists(self.checkpoint)
+
+    def step_weights(self, step: int) -> Path:
+        """The weights exported at a save step, beside the final file (kohya/ai-toolkit naming)."""
+        return self.weights.with_name(f"{self.weights.stem}-step{step:06d}{self.weights.suffix}")
+
+    def step_weight_files(self) -> list[Path]:
+        """This run's exported step files, oldest first."""
+        pattern = f"{self.weights.stem}-step[0-9][0-9][0-9][0-9][0-9][0-9]{self.weights.suffix}"
+        return sorted(self.weights.parent.glob(pattern))
+
+    def rotate_step_weights(self, keep_last: int) -> list[Path]:
+        """Delete all but the newest `keep_last` step files (0 keeps all); returns the deleted ones."""
+        files = self.step_weight_files()
+        doomed = files[:-keep_last] if keep_last else []
+        for path in doomed:
+            path.unlink(missing_ok=True)
+        return doomed
 
 
 # ---------------------------------------------------------------- loss log
@@ -90,10 +108,22 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if value != 0 and (abs(value) >= 1e-3 and abs(value) < 1e4) else f"{value:.2e}"
 
 
+def loss_trend(values: list[float], window: int | None = None) -> list[float]:
+    """The trend of a noisy loss: a centred rolling median (window ≈ a tenth of the run, 5 to 51 steps,
+    shortened at the ends). A median ignores single outliers — the large first steps of a run do not
+    drag the start of the curve the way an exponential average seeded with them does."""
+    import statistics
+
+    n = len(values)
+    window = window or max(5, min(51, n // 10 | 1))
+    half = window // 2
+    return [statistics.median(values[max(0, i - half): i + half + 1]) for i in range(n)]
+
+
 def loss_plot(steps: list[int], losses: list[float], width: int = 640, height: int = 360,
               title: str = "TDFT loss"):
-    """A PIL line chart of loss against step, with an exponential moving average (what users read
-    the trend from: single TDFT losses are noisy), min/max labels and the step range."""
+    """A PIL line chart of loss against step, with its trend (`loss_trend`: what users read, since
+    single TDFT losses are noisy), min/max labels and the step range."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (width, height), (255, 255, 255))
@@ -126,17 +156,14 @@ def loss_plot(steps: list[int], losses: list[float], width: int = 640, height: i
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(70, 130, 220))
     else:
         draw.line(raw, fill=(150, 185, 235), width=1)
-        ema, smooth, alpha = points[0][1], [], 2.0 / (min(len(points), 50) + 1)
-        for s, v in points:
-            ema = alpha * v + (1 - alpha) * ema
-            smooth.append(xy(s, ema))
-        draw.line(smooth, fill=(20, 60, 160), width=2)
+        trend = loss_trend([v for _, v in points])
+        draw.line([xy(s, v) for (s, _), v in zip(points, trend)], fill=(20, 60, 160), width=2)
     draw.text((4, top - 4), _fmt(v_max), fill=(0, 0, 0), font=font)
     draw.text((4, bottom - 8), _fmt(v_min), fill=(0, 0, 0), font=font)
     draw.text((left, bottom + 6), f"step {s_min}", fill=(0, 0, 0), font=font)
     label = f"step {s_max}"
     draw.text((right - 6 * len(label), bottom + 6), label, fill=(0, 0, 0), font=font)
-    draw.text((left, bottom + 20), f"last loss {_fmt(points[-1][1])} (dark: moving average)",
+    draw.text((left, bottom + 20), f"last loss {_fmt(points[-1][1])} (dark: rolling median)",
               fill=(80, 80, 80), font=font)
     return image
 

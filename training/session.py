@@ -5,6 +5,9 @@ spending any compute, resume (or refuse to) from the run's checkpoint, keep the 
 render previews, export the weights, write a JSON summary, and turn a cancel, an out-of-memory error
 or a full disk into a clear message with a resumable checkpoint left behind. They differ only in how
 they report progress and where files go, which they pass in (`RunPaths`, callbacks).
+
+With several processes (torchrun) every process runs the session; only the main one writes files
+(`world.main_only`): logs, previews, exports, summary.
 """
 from __future__ import annotations
 
@@ -21,22 +24,17 @@ from typing import Callable
 import torch
 
 from . import run_files
-from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError
+from .distributed import LocalWorld
+from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError, out_of_memory
 from .run_files import RunPaths
+from .run_lock import FolderInUse, RunLock
+from .signals import signals_deferred
 
 log = logging.getLogger("comfy_selfnpo.training")
-
-OOM_HINT = ("Out of memory. Try, in this order: a LoRA preset (lora-8gb/lora-12gb), a smaller "
-            "batch_size (raise grad_accum to keep the effective batch), gradient_checkpointing=true, "
-            "a lower resolution, mixed_precision=bf16/fp16, or teacher=base (no EMA copy).")
 
 
 class OutputError(TrainingError):
     """The output location cannot be written (missing permission, disk full, bad name)."""
-
-
-class TrainingOutOfMemory(TrainingError):
-    """Training ran out of (GPU) memory; what could be saved was saved, the message says how to fit."""
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
@@ -67,11 +65,13 @@ def check_writable(folder: Path) -> None:
                           "Choose a folder you can write to (or fix its permissions).") from e
 
 
-def describe_os_error(e: OSError, what: str) -> str:
+def describe_os_error(e: OSError, what: str, kept: str = "the previous checkpoint and weights were left "
+                      "as they were") -> str:
+    """A write failure for the user: what could not be written, why, and what is kept."""
+    target = e.filename or what
     if e.errno == errno.ENOSPC:
-        return (f"the disk is full while writing {what}; the previous checkpoint and weights were left "
-                "as they were. Free some space and resume.")
-    return f"could not write {what}: {e}. The previous checkpoint and weights were left as they were."
+        return f"the disk is full while writing {target}; {kept}. Free some space and resume."
+    return f"could not write {target}: {e.strerror or e}; {kept}."
 
 
 @dataclass
@@ -92,9 +92,14 @@ class SessionOptions:
     preview_prompt: str = ""
     preview_seed: int = 0
     preview_settings: object = None  # previews.PreviewSettings
+    sample_prompts: list | None = None  # previews.SamplePrompt rows; default: the preview prompt and seed
+    observers: list = field(default_factory=list)  # extra loggers: .step(Progress), .preview(image, step)
     on_step: Callable[[Progress], None] | None = None
     on_preview: Callable[[object, int], None] | None = None  # (PIL side-by-side image, step)
     should_stop: Callable[[], bool] | None = None
+    on_prepare: Callable[[int, int], None] | None = None  # (done, total) of the one-time data preparation
+    allow_data_change: bool = False  # resume although the data's content differs from the checkpoint's
+    model_name: str = ""  # the base model's file name, recorded in the exported files' metadata
     extra_summary: dict = field(default_factory=dict)
 
 
@@ -111,38 +116,71 @@ class SessionResult:
 
 class TrainingSession:
     def __init__(self, model, clip, vae, data, config, paths: RunPaths, options: SessionOptions | None = None,
-                 device=None):
+                 device=None, world=None):
         self.model, self.clip, self.vae, self.data = model, clip, vae, data
         self.config, self.paths = config, paths
         self.options = options or SessionOptions()
         self.device = device
+        self.world = world or LocalWorld()
         self.trainer = None
         self.rows: list[dict] = []
         self.started = time.perf_counter()
         self.resumed_from = None
+        self.lock = RunLock(paths.run_dir)
 
     # ------------------------------------------------------------ setup
 
     def prepare(self):
+        """Lock the run folder, check the outputs, build the trainer, resume. On failure nothing stays
+        locked; after success, `run()` (or `close()`) releases the folder."""
+        try:
+            return self._prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self):
         from .trainer import TDFTTrainer
 
         opts, paths = self.options, self.paths
-        check_writable(paths.run_dir)
-        check_writable(paths.weights.parent)
-        exists = paths.has_checkpoint()
+        exists = self.world.from_main(self._claim_output)  # the main process's files decide for all
         if opts.require_resume and not exists:
             raise TrainingError(f"--resume: there is no checkpoint to resume from at {str(paths.checkpoint)!r}")
         if exists and not opts.resume and opts.refuse_existing:
             raise OutputError(f"{str(paths.run_dir)!r} already holds a training checkpoint; pass --resume to "
-                              "continue it, or choose another output folder/name (nothing was overwritten)")
+                              "continue it, choose another output folder/name, or delete "
+                              f"{str(paths.checkpoint)!r} to start over (nothing was overwritten)")
         self.trainer = TDFTTrainer(self.model, self.clip, self.vae, self.data, self.config, paths.run_dir,
-                                   device=self.device, log=log.info)
+                                   device=self.device, log=log.info, world=self.world)
+        self.trainer.model_name = opts.model_name
         if exists and opts.resume:
-            self.trainer.load_checkpoint(paths.checkpoint)  # ResumeMismatch says what differs
+            # ResumeMismatch says what differs (or how to start over from a damaged checkpoint)
+            self.trainer.load_checkpoint(paths.checkpoint, allow_data_change=opts.allow_data_change)
             self.resumed_from = self.trainer.step
             self.rows = run_files.read_loss_csv(paths.loss_csv, up_to_step=self.trainer.step)
             log.info("resuming %s at step %d of %d", paths.run_dir, self.trainer.step, self.config.steps)
         return self.trainer
+
+    def _claim_output(self) -> bool:
+        """Lock the run folder and check the outputs can be written; returns whether it holds a checkpoint."""
+        if self.data.overlaps(self.paths.run_dir):
+            raise OutputError(f"the output folder {str(self.paths.run_dir)!r} is inside the training data "
+                              "folder: its previews and loss plot would become training images in the next "
+                              "run. Choose an output folder outside the data folder.")
+        check_writable(self.paths.run_dir)
+        check_writable(self.paths.weights.parent)
+        try:
+            self.lock.acquire()
+        except FolderInUse as e:
+            raise OutputError(f"{e}; wait for it to finish or choose another output folder/name "
+                              "(nothing was changed)") from None
+        return self.paths.has_checkpoint()
+
+    def close(self) -> None:
+        """Release the run folder for the next run; close the loggers."""
+        self.lock.release()
+        for observer in self.options.observers:
+            getattr(observer, "close", lambda: None)()
 
     # ------------------------------------------------------------ run
 
@@ -150,32 +188,40 @@ class TrainingSession:
         elapsed = time.perf_counter() - self.started
         self.rows.append({"step": result.step, "loss": result.loss, "lr": result.lr,
                           "teacher_s": result.teacher_s, "student_s": result.student_s, "elapsed_s": elapsed})
-        save_every = self.config.save_every
-        if save_every and result.step % save_every == 0:
-            self._write_logs()
-        if self.options.on_step is not None:
-            self.options.on_step(Progress(result.step, self.config.steps, result.loss, result.lr, elapsed))
+        progress = Progress(result.step, self.config.steps, result.loss, result.lr, elapsed)
+        for report in [self.options.on_step] + [getattr(o, "step", None) for o in self.options.observers]:
+            if report is not None:
+                report(progress)
         every = self.options.preview_every
         if every and (result.step % every == 0 or result.step == self.config.steps):
             try:
-                self.preview(result.step)
+                self.world.main_only(lambda: self.preview(result.step))
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # a preview is a convenience: it never ends a training run
                 log.warning("preview at step %d failed (%s: %s); training goes on", result.step, type(e).__name__, e)
 
     def preview(self, step: int):
-        from .previews import PreviewSettings, sample_cfg_and_npo, side_by_side
+        from .previews import PreviewSettings, SamplePrompt, preview_grid
 
-        prompt = self.options.preview_prompt or (self.data.captions[0] if len(self.data) else "")
-        settings = self.options.preview_settings or PreviewSettings(size=self.config.resolution)
-        cfg_image, npo_image = sample_cfg_and_npo(self.model, self.trainer.negative_model(), self.clip, self.vae,
-                                                  prompt, self.options.preview_seed, settings)
-        image = side_by_side(cfg_image, npo_image)
+        opts = self.options
+        prompts = opts.sample_prompts or [SamplePrompt(opts.preview_prompt or (self.data.captions[0] if len(self.data)
+                                                                                else ""), opts.preview_seed)]
+        settings = opts.preview_settings or PreviewSettings(size=self.config.resolution)
+        image = preview_grid(self.model, self.trainer.negative_model(), self.clip, self.vae, prompts, settings)
         run_files.save_png(self.paths.previews / f"step_{step:06d}.png", image)
-        if self.options.on_preview is not None:
-            self.options.on_preview(image, step)
+        for report in [opts.on_preview] + [getattr(o, "preview", None) for o in opts.observers]:
+            if report is not None:
+                report(image, step)
         return image
+
+    def _on_save(self, step: int, folder) -> None:
+        """A periodic save: beside the checkpoint, the weights of this step (usable at once) and the logs."""
+        def write():
+            self.trainer.export(self.paths.step_weights(step))
+            self.paths.rotate_step_weights(self.config.keep_last)
+            self._write_logs()
+        self.world.main_only(write)
 
     def _write_logs(self):
         run_files.write_loss_csv(self.paths.loss_csv, self.rows)
@@ -187,8 +233,8 @@ class TrainingSession:
         trainer = self.trainer
         peak = getattr(result, "peak_memory_bytes", None)
         if peak is None:
-            from .trainer import _peak_memory
-            peak = _peak_memory(trainer.device) if trainer is not None else 0
+            from .trainer import peak_memory
+            peak = peak_memory(trainer.device) if trainer is not None else 0
         summary = {
             "status": status,
             "message": message,
@@ -214,60 +260,78 @@ class TrainingSession:
 
     def _finish_failed(self, status: str, message: str):
         """Best effort: logs and summary of a run that stopped early; never hides the real error."""
-        try:
+        def write():
             self._write_logs()
             run_files.save_summary(self.paths.summary, self._summary(status, message))
+        try:
+            with signals_deferred():  # the summary must agree with the checkpoint it describes
+                self.world.main_only(write)
         except OSError as e:
             log.warning("could not write the run logs: %s", e)
 
     def run(self) -> SessionResult:
         if self.trainer is None:
             self.prepare()
-        trainer = self.trainer
         try:
-            result = trainer.train(on_step=self._on_step, should_stop=self.options.should_stop)
-            weights = trainer.export(self.paths.weights)
-            if not self.config.save_every or trainer.step % self.config.save_every:
-                trainer.save_checkpoint()  # a finished run stays resumable with more steps
+            result = self._train()
         except TrainingCancelled as e:
             self._finish_failed("cancelled", str(e))
             raise
         except (torch.OutOfMemoryError, OutOfMemory) as e:
-            # OutOfMemory: the trainer caught it inside a step and already saved the pre-step state;
-            # a bare torch error comes from elsewhere (optimizer, export, preview): save here.
-            if isinstance(e, OutOfMemory) and e.checkpoint_path is not None:
-                saved = (f"A resumable checkpoint was saved to {e.checkpoint_path}: resume it with the same "
-                         "settings where more memory is free, or start a new run with smaller ones.")
-            else:
-                saved = self._save_after_oom()
-            message = f"{OOM_HINT} {saved} (step {trainer.step}; {str(e).splitlines()[0] if str(e) else ''})"
-            self._finish_failed("out_of_memory", message)
-            raise TrainingOutOfMemory(message) from e
+            # from a step, the trainer has saved the state before it; a bare torch error comes from
+            # elsewhere (optimizer, export, preview): save here
+            path = getattr(e, "checkpoint_path", None) or self._save_after_oom()
+            error = out_of_memory(e, self.trainer.step, checkpoint_path=path)
+            self._finish_failed("out_of_memory", str(error))
+            raise error from e
         except NonFiniteLoss as e:
             self._finish_failed("non_finite_loss", str(e))
             raise
         except OSError as e:
-            message = describe_os_error(e, "the checkpoint or the weights")
+            message = describe_os_error(e, "the checkpoint or the weights", self._kept())
             self._finish_failed("write_failed", message)
             raise OutputError(message) from e
         except KeyboardInterrupt:
             self._finish_failed("cancelled", "interrupted")
             raise
-        loss_image = self._write_logs()
-        summary = self._summary("finished", result=result)
-        summary["paths"]["weights"] = str(weights)
-        run_files.save_summary(self.paths.summary, summary)
-        return SessionResult(trainer, Path(weights), trainer.step, summary["seconds"], self.rows, summary, loss_image)
+        finally:
+            self.close()
+        return self._finish(result)
 
-    def _save_after_oom(self) -> str:
+    def _kept(self) -> str:
+        saved = getattr(self.trainer, "saved_step", None)
+        if saved is None:
+            return "no checkpoint of this run had been saved yet"
+        return (f"the resumable checkpoint of step {saved} in {str(self.paths.checkpoint)!r} is intact "
+                "and the run can resume from it")
+
+    def _train(self):
+        trainer = self.trainer
+        result = trainer.train(on_step=self._on_step, should_stop=self.options.should_stop, on_save=self._on_save,
+                               on_prepare=self.options.on_prepare)
+        if trainer.saved_step != trainer.step:
+            trainer.save_checkpoint()  # first: a finished run stays resumable, even if the export fails
+        self.world.main_only(lambda: trainer.export(self.paths.weights))
+        return result
+
+    def _finish(self, result) -> SessionResult:
+        def write():
+            image = self._write_logs()
+            summary = self._summary("finished", result=result)
+            summary["paths"]["weights"] = str(self.paths.weights)
+            run_files.save_summary(self.paths.summary, summary)
+            return image, summary
+        loss_image, summary = self.world.main_only(write) or (None, {})
+        return SessionResult(self.trainer, self.paths.weights, self.trainer.step,
+                             round(time.perf_counter() - self.started, 3), self.rows, summary, loss_image)
+
+    def _save_after_oom(self):
+        """The checkpoint folder, or None when memory is too tight to gather the state."""
         import comfy.model_management
 
         comfy.model_management.soft_empty_cache()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         try:
-            path = self.trainer.save_checkpoint()
-            return (f"A resumable checkpoint was saved to {path}: resume it with the same settings where more "
-                    "memory is free, or start a new run with smaller ones.")
-        except Exception as e:  # memory may still be too tight to gather the state
-            return f"No checkpoint could be saved ({type(e).__name__}); the last periodic one is kept."
+            return self.trainer.save_checkpoint()
+        except Exception as e:
+            log.warning("no checkpoint could be saved after running out of memory (%s)", type(e).__name__)
+            return None

@@ -4,20 +4,10 @@ with `make_config(preset, **overrides)`.
 """
 from __future__ import annotations
 
-import dataclasses
-
-from .config import PRESETS, TDFTConfig, make_config
+from .config import PRESETS, TDFTConfig, field_types, make_config
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-
-
-def config_fields() -> dict[str, type]:
-    """Field name -> the type its value must have (taken from the default: bool/int/float/str)."""
-    out = {}
-    for f in dataclasses.fields(TDFTConfig):
-        out[f.name] = type(f.default)
-    return out
 
 
 def convert(name: str, value, kind: type):
@@ -54,7 +44,7 @@ def convert(name: str, value, kind: type):
 
 def check_overrides(values: dict) -> dict:
     """Typed copy of `values`; unknown names raise ValueError listing the known ones."""
-    fields = config_fields()
+    fields = field_types()
     out = {}
     for name, value in values.items():
         key = name.strip().replace("-", "_")

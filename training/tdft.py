@@ -1,4 +1,4 @@
-"""The TDFT step math (SPEC §3), written in ComfyUI's noise convention and free of model code.
+"""The TDFT step math (docs/algorithm.md §3), written in ComfyUI's noise convention and free of model code.
 
 A noisy latent at discrete timestep t is x = a_t·x0 + b_t·ε, with (a, b) = (1, σ) for EPS and
 V-prediction models and (1 − σ, σ) for flow (CONST) models; σ_t = model_sampling.sigmas[t]. The
@@ -14,12 +14,13 @@ row). The trainer passes ComfyUI's `BaseModel.apply_model` (which returns x0 for
 alike); the tests pass an analytic Gaussian denoiser. Conditioning is a dict of batched tensors
 (`c_crossattn`, `y`, ...), concatenated along the batch for the joint cond/uncond evaluation.
 
-Random draws come from one torch.Generator (on the CPU, so a seed gives the same numbers on any
-device), in this documented order per step — tests replay it:
-  1. i  ~ randint(0, N, (B,))            start grid index, t_s = grid[i]       (image mode)
-  2. ε  ~ randn(B, C, H, W)              start noise                            (image mode)
-  3. u  ~ rand(B)                        student level t = t_e + 1 + floor(u·(T − 1 − t_e))
-  4. ε′ ~ randn(B, C, H, W)              re-noising noise
+Random draws come per item from `draws.ItemRandom` (seeded from seed, step, micro-batch and the
+item's global index, so a run gives the same numbers on any number of processes), in this order per
+item: start grid index and start noise (image mode, `noised_start`), then the student level u and
+the re-noising noise ε′ (`tdft_step`).
+
+`tdft_step` is the one composition of the algorithm: the trainer, the tests and the benchmarks all
+run it.
 """
 from __future__ import annotations
 
@@ -145,22 +146,32 @@ def _repeat_to(t: torch.Tensor, length: int) -> torch.Tensor:
     return t.repeat(1, length // t.shape[1], *([1] * (t.ndim - 2)))
 
 
+# inputs whose second axis is the text tokens: the context and its attention mask (LTXV)
+TOKEN_AXIS_KEYS = ("c_crossattn", "attention_mask")
+
+
 def concat_conds(conds: list[dict]) -> dict:
-    """Concatenate conditioning dicts along the batch. Cross-attention contexts of different token
-    lengths (prompts over 77 tokens) are repeated to their least common multiple, as ComfyUI's
-    CONDCrossAttn does: attention over a repeated context is unchanged."""
+    """Concatenate conditioning dicts along the batch. Token axes of different lengths (prompts of
+    different token counts) are repeated to their least common multiple, context and mask alike, as
+    ComfyUI's CONDCrossAttn does: attention over a repeated context is unchanged."""
     out = {}
     for key in conds[0]:
         parts = [c[key] for c in conds]
-        if key == "c_crossattn" and len({p.shape[1] for p in parts}) > 1:
+        if isinstance(parts[0], list):  # per-row plain values (conditioning.ROW_CONSTANTS)
+            out[key] = [row for part in parts for row in part]
+            continue
+        if key in TOKEN_AXIS_KEYS and len({p.shape[1] for p in parts}) > 1:
             length = math.lcm(*[p.shape[1] for p in parts])
             parts = [_repeat_to(p, length) for p in parts]
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise ValueError(f"the model input {key!r} has different shapes for different prompts "
+                             f"({sorted({tuple(p.shape) for p in parts})}); use batch_size 1")
         out[key] = torch.cat(parts, dim=0)
     return out
 
 
 def select_cond(cond: dict, rows: torch.Tensor) -> dict:
-    return {k: v[rows] for k, v in cond.items()}
+    return {k: [v[i] for i in rows.tolist()] if isinstance(v, list) else v[rows] for k, v in cond.items()}
 
 
 def guided_x0(denoise: Denoiser, x, t, cond: dict, uncond: dict, w: float):
@@ -233,11 +244,33 @@ def teacher_rollout(denoise: Denoiser, schedule: NoiseSchedule, grid: torch.Tens
 
 
 @dataclass
+class StartBatch:
+    """Where a step's teacher rollouts start: states `x` at grid indices `index` (per row), each
+    continued by `steps` teacher steps (K, or per row in data-free mode), with the caption
+    conditioning `cond` (a dict of batched tensors on x's device)."""
+    x: torch.Tensor
+    index: torch.Tensor
+    steps: torch.Tensor | int
+    cond: dict
+
+
+def noised_start(schedule: NoiseSchedule, grid: torch.Tensor, x0: torch.Tensor, cond: dict, rng,
+                 steps: int) -> StartBatch:
+    """Image mode (algorithm §3 step 2): per item a start grid index i ~ U{0 … N−1} and noise ε from `rng`
+    (a draws.ItemRandom), x_s = a·x0 + b·ε at level grid[i]."""
+    index = rng.randint(len(grid))
+    noise = rng.randn(x0.shape[1:]).to(x0.device, x0.dtype)
+    x_s = noise_to(schedule, x0, grid[index].to(x0.device), noise)
+    return StartBatch(x=x_s, index=index, steps=steps, cond=cond)
+
+
+@dataclass
 class StepTrace:
     """Every intermediate of one TDFT step (the acceptance tests compare each with a reference)."""
     t_s: torch.Tensor
     x_s: torch.Tensor
     t_e: torch.Tensor
+    index_e: torch.Tensor
     x_e: torch.Tensor
     target: torch.Tensor
     t: torch.Tensor
@@ -247,43 +280,21 @@ class StepTrace:
     teacher_evaluations: int = 0
 
 
-def draw_start(gen: torch.Generator, batch: int, N: int, shape):
-    """Draws 1–2 of the documented order: start grid index and start noise."""
-    index = torch.randint(0, N, (batch,), generator=gen)
-    noise = torch.randn(tuple(shape), generator=gen)
-    return index, noise
-
-
-def draw_student(gen: torch.Generator, batch: int, shape):
-    """Draws 3–4 of the documented order: u for the student level, re-noising noise ε′."""
-    u = torch.rand((batch,), generator=gen, dtype=torch.float64)
-    noise2 = torch.randn(tuple(shape), generator=gen)
-    return u, noise2
-
-
-def student_regression(student: Denoiser, schedule: NoiseSchedule, rollout: Rollout, cond: dict,
-                       gen: torch.Generator, loss: str, huber_c: float, t_e=None):
-    """Steps 4–5: draw t in (t_e, T), re-noise the truncated state (Eq. 16), student prediction
-    conditioned on the caption, loss against the teacher's x0. Returns (t, x_t, pred, loss)."""
-    x_e = rollout.x_e
-    t_e = rollout.t_e if t_e is None else t_e
-    u, noise2 = draw_student(gen, x_e.shape[0], x_e.shape)
-    t = draw_student_t(t_e, schedule.T, u)
-    x_t = renoise(schedule, x_e, t_e.to(x_e.device), t.to(x_e.device), noise2.to(x_e.device, x_e.dtype))
-    pred = student(x_t, t.to(x_e.device), cond)
-    return t, x_t, pred, tdft_loss(pred, rollout.target, loss, huber_c)
-
-
-def tdft_step(student: Denoiser, teacher: Denoiser, schedule: NoiseSchedule, x0, cond: dict,
-              uncond: dict, gen: torch.Generator, grid_size: int = 25, steps: int = 5, w: float = -1.0,
-              loss: str = "huber", huber_c: float = 0.001) -> StepTrace:
-    """One TDFT step on real latents x0 (image mode), SPEC §3 steps 2–5; the caller backpropagates
-    `trace.loss` and steps the optimizer / EMA."""
-    grid = ddim_grid(schedule.T, grid_size)
-    index, noise = draw_start(gen, x0.shape[0], grid_size, x0.shape)
-    t_s = grid[index]
-    x_s = noise_to(schedule, x0, t_s.to(x0.device), noise.to(x0.device, x0.dtype))
-    roll = teacher_rollout(teacher, schedule, grid, x_s, index, steps, w, cond, uncond)
-    t, x_t, pred, value = student_regression(student, schedule, roll, cond, gen, loss, huber_c)
-    return StepTrace(t_s=t_s, x_s=x_s, t_e=roll.t_e, x_e=roll.x_e, target=roll.target, t=t, x_t=x_t,
-                     pred=pred, loss=value, teacher_evaluations=roll.evaluations)
+def tdft_step(student: Denoiser, teacher: Denoiser, schedule: NoiseSchedule, grid: torch.Tensor,
+              start: StartBatch, uncond: dict, rng, w: float = -1.0, loss: str = "huber",
+              huber_c: float = 0.001) -> StepTrace:
+    """One TDFT step, algorithm §3 steps 3–5: the teacher's truncated rollout from `start`, then the
+    student regression. Per item, t ~ U{t_e + 1 … T − 1}; the *truncated state* x_e is re-noised to
+    t (Eq. 16); the student predicts x0 at (x_t, t, caption); the loss compares it with the teacher's
+    x0 at the truncation point. `rng` is a draws.ItemRandom over the batch. The caller
+    backpropagates `trace.loss` and steps the optimizer / EMA."""
+    roll = teacher_rollout(teacher, schedule, grid, start.x, start.index, start.steps, w, start.cond, uncond)
+    x_e = roll.x_e
+    u = rng.rand()
+    noise2 = rng.randn(x_e.shape[1:]).to(x_e.device, x_e.dtype)
+    t = draw_student_t(roll.t_e, schedule.T, u)
+    x_t = renoise(schedule, x_e, roll.t_e.to(x_e.device), t.to(x_e.device), noise2)
+    pred = student(x_t, t.to(x_e.device), start.cond)
+    return StepTrace(t_s=grid[start.index.long().cpu()], x_s=start.x, t_e=roll.t_e, index_e=roll.index_e,
+                     x_e=x_e, target=roll.target, t=t, x_t=x_t, pred=pred,
+                     loss=tdft_loss(pred, roll.target, loss, huber_c), teacher_evaluations=roll.evaluations)

@@ -1,89 +1,129 @@
-"""Data-free mode (SPEC §3 extension): a buffer of partially denoised teacher trajectories.
+"""Data-free mode (docs/algorithm.md §3 extension): a buffer of partially denoised teacher trajectories.
 
 Without images there is no x0 to noise to a start level, and starting every step from pure noise
-would only ever train the top of the noise range. Instead each buffer entry is a trajectory state
-(latent at a grid level, its prompt). A training step continues B entries by K teacher steps (the
-same truncated rollout as image mode, so the same per-step cost) and trains on the truncation point;
-an entry that reaches t = 0 restarts from fresh noise at the top grid level.
+would only ever train the top of the noise range. Instead each buffer slot is a trajectory state
+(latent at a grid level, its prompt). A training step continues B slots by K teacher steps (the same
+truncated rollout as image mode, so the same per-step cost) and trains on the truncation point; a
+slot that reaches t = 0 restarts from fresh noise at the top grid level.
 
-Coverage of noise levels: a fresh trajectory's first continuation takes r ~ U{1 … K} steps instead
-of K, so over restarts the truncation points visit every grid level (with K steps only, the levels
-would be a fixed lattice N−1−K, N−1−2K, …). At creation the entries are pre-rolled to evenly spread
-levels (one-time cost of about size·N/2 teacher evaluations), so the first steps do not all train the
-top levels in lockstep.
+Coverage of noise levels: a restarted trajectory's first continuation takes r ~ U{1 … K} steps
+instead of K, so over restarts the truncation points visit every grid level (with K steps only, the
+levels would be a fixed lattice N−1−K, N−1−2K, …). At creation the slots are pre-rolled to evenly
+spread levels (one-time cost of about size·N/2 teacher evaluations), so the first steps do not all
+train the top levels in lockstep.
 
-Random draws (from the trainer's generator): at creation, per entry prompt then noise; at each
-restart, for the restarted rows: prompt index, noise, r.
+Several processes: every process holds the whole buffer. A micro-batch takes the next B·P slots
+round-robin (P processes); each process continues its share, and the continued rows are gathered
+so that every copy of the buffer stays identical — and equal to a single process's with batch B·P.
+
+Random draws, keyed by slot (draws.py): at creation, per slot its prompt then its noise; at a
+restart (step s, micro-batch m), per slot its prompt, noise and r.
 """
 from __future__ import annotations
 
 import torch
 
-from .tdft import NoiseSchedule, ddim_grid, noise_to, teacher_rollout
+from . import draws
+from .errors import DataError, ResumeMismatch, TrainingCancelled
+from .tdft import StartBatch, noise_to, teacher_rollout
 
 
-class TrajectoryBuffer:
-    def __init__(self, size: int, latent_shape, n_prompts: int, schedule: NoiseSchedule,
-                 grid_size: int, truncation_steps: int, dtype=torch.float32):
-        self.size, self.latent_shape = int(size), tuple(latent_shape)
-        self.n_prompts = int(n_prompts)
-        self.schedule, self.N, self.K = schedule, int(grid_size), int(truncation_steps)
-        self.grid = ddim_grid(schedule.T, self.N)
-        self.x = torch.zeros((self.size,) + self.latent_shape, dtype=dtype)
+class TrajectoryStarts:
+    kind = "prompts"
+
+    def __init__(self, encoded, schedule, grid, config, world, device):
+        self.encoded, self.schedule, self.grid = encoded, schedule, grid
+        self.world, self.device = world, device
+        self.seed, self.w = config.seed, config.corruption_guidance
+        self.N, self.K, self.per_process = len(grid), config.truncation_steps, config.batch_size
+        self.size, self.n_prompts = config.trajectory_buffer, len(encoded.item_conds)
+        self.global_batch = self.per_process * world.size
+        if self.size < self.global_batch:
+            raise DataError(f"trajectory_buffer={self.size} is smaller than the global batch "
+                            f"{self.global_batch} (batch_size × processes); raise trajectory_buffer")
+        self.latent_shape = tuple(encoded.latent_shape)
+        self.x = torch.zeros((self.size,) + self.latent_shape)
         self.index = torch.full((self.size,), self.N - 1, dtype=torch.long)
         self.next_steps = torch.full((self.size,), self.K, dtype=torch.long)
         self.prompt = torch.zeros(self.size, dtype=torch.long)
         self.pointer = 0
         self.initialized = False
+        self._slots = self._mine = None
 
-    def _fresh(self, rows: torch.Tensor, gen: torch.Generator, first_steps_random: bool = True):
-        n = rows.numel()
-        self.prompt[rows] = torch.randint(0, self.n_prompts, (n,), generator=gen)
-        noise = torch.randn((n,) + self.latent_shape, generator=gen).to(self.x.dtype)
-        top = torch.full((n,), int(self.grid[-1]), dtype=torch.long)
-        self.x[rows] = noise_to(self.schedule, torch.zeros_like(noise), top, noise)
-        self.index[rows] = self.N - 1
-        if first_steps_random:
-            self.next_steps[rows] = torch.randint(1, self.K + 1, (n,), generator=gen)
-        else:
-            self.next_steps[rows] = self.K
+    # ------------------------------------------------------------------ slots
 
-    def initialize(self, teacher, cond_for, uncond_for, w: float, gen: torch.Generator, device,
-                   chunk: int) -> int:
-        """Fill with fresh noise and pre-roll entry j by j·N // size grid steps (no training).
-        `cond_for(prompt_rows)`/`uncond_for(n)` build conditioning on `device`. Returns evaluations."""
-        rows = torch.arange(self.size)
-        self._fresh(rows, gen, first_steps_random=False)
-        preroll = (rows * self.N) // self.size  # 0 … N−1 grid steps: index stays >= 0
-        evaluations = 0
-        for start in range(0, self.size, chunk):
-            part = rows[start:start + chunk]
-            if int(preroll[part].max()) == 0:
-                continue
-            roll = teacher_rollout(teacher, self.schedule, self.grid, self.x[part].to(device),
-                                   self.index[part], preroll[part], w, cond_for(self.prompt[part]),
-                                   uncond_for(part.numel()), need_target=False)
-            self.x[part] = roll.x_e.to("cpu", self.x.dtype)
-            self.index[part] = roll.index_e
-            evaluations += roll.evaluations
+    def _fresh(self, slot: int, gen: torch.Generator) -> None:
+        """Slot `slot` restarts: a random prompt and pure noise at the top grid level."""
+        self.prompt[slot] = torch.randint(0, self.n_prompts, (1,), generator=gen)
+        noise = torch.randn(self.latent_shape, generator=gen)
+        top = torch.full((1,), int(self.grid[-1]), dtype=torch.long)
+        self.x[slot] = noise_to(self.schedule, torch.zeros_like(noise)[None], top, noise[None])[0]
+        self.index[slot] = self.N - 1
+
+    def _share(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """This process's part of `rows` (consecutive blocks of batch_size in rank order), and every
+        process's count."""
+        b, r = self.per_process, self.world.rank
+        counts = [max(0, min(b, rows.numel() - p * b)) for p in range(self.world.size)]
+        return rows[r * b: r * b + counts[r]], counts
+
+    def _gather(self, rows_all: torch.Tensor, counts: list[int], x, index, next_steps, prompt) -> None:
+        """Every process's continued rows into every copy of the buffer."""
+        gather = self.world.gather_rows
+        self.x[rows_all] = gather(x.to("cpu", self.x.dtype), counts)
+        self.index[rows_all] = gather(index.cpu(), counts)
+        self.next_steps[rows_all] = gather(next_steps.cpu(), counts)
+        self.prompt[rows_all] = gather(prompt.cpu(), counts)
+
+    # ------------------------------------------------------------------ the source interface
+
+    def prepare(self, teacher, should_stop=None, progress=None) -> None:
+        """Fill with fresh noise and pre-roll slot j by j·N // size grid steps (no training).
+        `should_stop()` is asked between chunks (agreed by every process); stopping leaves the buffer
+        uninitialised, so a resumed run pre-rolls again."""
+        if self.initialized:
+            return
+        for slot in range(self.size):
+            self._fresh(slot, draws.generator(draws.BUFFER_START, self.seed, slot))
+            self.next_steps[slot] = self.K
+        preroll = (torch.arange(self.size) * self.N) // self.size  # 0 … N−1 grid steps: index stays >= 0
+        for start in range(0, self.size, self.global_batch):
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled("stopped while pre-rolling the trajectory buffer", step=0)
+            chunk = torch.arange(start, min(start + self.global_batch, self.size))
+            mine, counts = self._share(chunk)
+            x, index = self.x[mine].to(self.device), self.index[mine]
+            if mine.numel():
+                roll = teacher_rollout(teacher, self.schedule, self.grid, x, index, preroll[mine], self.w,
+                                       self.encoded.conds(self.prompt[mine].tolist(), self.device),
+                                       self.encoded.unconds(mine.numel(), self.device), need_target=False)
+                x, index = roll.x_e, roll.index_e
+            self._gather(chunk, counts, x, index, self.next_steps[mine], self.prompt[mine])
+            if progress is not None:
+                progress(int(chunk[-1]) + 1, self.size)
         self.initialized = True
-        return evaluations
 
-    def take(self, count: int) -> torch.Tensor:
-        """The next `count` entries, round-robin."""
-        rows = (torch.arange(count) + self.pointer) % self.size
-        self.pointer = int((self.pointer + count) % self.size)
-        return rows
+    def next_batch(self, rng, step: int, micro: int) -> StartBatch:
+        self._slots = (torch.arange(self.global_batch) + self.pointer) % self.size
+        self.pointer = int((self.pointer + self.global_batch) % self.size)
+        self._mine = self._slots[list(rng.items)]
+        rows = self._mine
+        return StartBatch(x=self.x[rows].to(self.device), index=self.index[rows].clone(),
+                          steps=self.next_steps[rows].clone(),
+                          cond=self.encoded.conds(self.prompt[rows].tolist(), self.device))
 
-    def store(self, rows: torch.Tensor, x_e: torch.Tensor, index_e: torch.Tensor,
-              gen: torch.Generator) -> None:
-        """Write continued states back; entries that reached t = 0 restart from fresh noise."""
-        self.x[rows] = x_e.detach().to("cpu", self.x.dtype)
-        self.index[rows] = index_e.cpu()
-        self.next_steps[rows] = self.K
-        done = rows[index_e.cpu() < 0]
-        if done.numel():
-            self._fresh(done, gen)
+    def after_rollout(self, trace, step: int, micro: int) -> None:
+        """Store the continued states; slots that reached t = 0 restart from fresh noise."""
+        mine = self._mine
+        self.x[mine] = trace.x_e.detach().to("cpu", self.x.dtype)
+        self.index[mine] = trace.index_e.cpu()
+        self.next_steps[mine] = self.K
+        for slot in mine[trace.index_e.cpu() < 0].tolist():
+            gen = draws.generator(draws.BUFFER_RESTART, self.seed, step, micro, slot)
+            self._fresh(slot, gen)
+            self.next_steps[slot] = int(torch.randint(1, self.K + 1, (1,), generator=gen))
+        _, counts = self._share(self._slots)
+        self._gather(self._slots, counts, self.x[mine], self.index[mine], self.next_steps[mine], self.prompt[mine])
 
     def state_dict(self) -> dict:
         return {"x": self.x.clone(), "index": self.index.clone(), "next_steps": self.next_steps.clone(),
@@ -91,8 +131,6 @@ class TrajectoryBuffer:
                 "size": self.size, "n_prompts": self.n_prompts}
 
     def load_state_dict(self, state: dict) -> None:
-        from .errors import ResumeMismatch
-
         if int(state["size"]) != self.size or int(state["n_prompts"]) != self.n_prompts:
             raise ResumeMismatch(
                 f"the checkpoint's trajectory buffer has {state['size']} entries over {state['n_prompts']} "

@@ -1,0 +1,69 @@
+"""Checks on an NPO weight file as it is read, before it meets a model: damaged files are refused
+with the file and the entry named, instead of becoming black images or silently missing layers."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .weight_keys import lora_role
+from .weight_report import NPOFormatError, file_name
+
+_CHUNK = 1 << 24  # elements checked at a time: bounded extra memory on multi-GB files
+
+
+def _is_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        if chunk.element_size() == 1:
+            chunk = chunk.float()  # float8 has no isfinite kernel
+        if not bool(torch.isfinite(chunk).all()):
+            return False
+    return True
+
+
+def check_finite(tensors: dict, source: str) -> None:
+    """Refuse NaN/inf anywhere in the file, naming the first such tensor (in key order)."""
+    bad = [key for key in sorted(tensors) if not _is_finite(tensors[key])]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise NPOFormatError(
+            f"{file_name(source)} holds NaN/inf values in {bad[0]}{more}: the file is damaged (a training run "
+            "that diverged, or a broken save or download). It cannot be used as NPO weights; export the "
+            "weights again from a good checkpoint, or retrain.")
+
+
+def check_lora_layers(tensors: dict, source: str, skip=lambda key: False) -> None:
+    """Every LoRA layer has both matrices, and their inner ranks agree (up: out x r, down: r x in)."""
+    layers: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in tensors:
+        split = None if skip(key) else lora_role(key)
+        if split is not None:
+            layers[split[0]][split[1]] = key
+    for stem, roles in sorted(layers.items()):
+        missing = [role for role in ("up", "down") if role not in roles]
+        if missing:
+            have = ", ".join(sorted(roles.values()))
+            raise NPOFormatError(
+                f"{file_name(source)}: LoRA layer '{stem}' has no {' and no '.join(missing)} matrix (it has "
+                f"only {have}); the file is incomplete or damaged: export it again.")
+        _check_ranks(stem, tensors, roles, source)
+
+
+def _check_ranks(stem: str, tensors: dict, roles: dict, source: str) -> None:
+    up, down = tensors[roles["up"]], tensors[roles["down"]]
+    chain = [("up", up, up.shape[1] if up.ndim >= 2 else None)]
+    if "mid" in roles:
+        mid = tensors[roles["mid"]]
+        chain += [("mid", mid, mid.shape[0]), ("mid", mid, mid.shape[1] if mid.ndim >= 2 else None)]
+    chain.append(("down", down, down.shape[0] if down.ndim >= 1 else None))
+    for (name_a, a, rank_a), (name_b, b, rank_b) in zip(chain[::2], chain[1::2]):
+        if rank_a is None or rank_a != rank_b:
+            raise NPOFormatError(
+                f"{file_name(source)}: LoRA layer '{stem}': the {name_a} matrix {tuple(a.shape)} has inner rank "
+                f"{rank_a} but the {name_b} matrix {tuple(b.shape)} has rank {rank_b}; the ranks must agree. "
+                "The file is damaged or was written by a broken tool: export it again.")
+

@@ -1,0 +1,112 @@
+"""Encode the training data once, eagerly, before the first step: captions and the teacher's
+unconditional input through the loaded CLIP into the inputs the model takes (conditioning.py), and
+real images or clips through the loaded VAE into latents of the model's geometry (geometry.py),
+cached on disk, keyed by the data, the sampling of clips and the VAE.
+
+`EncodedData` holds the result on the CPU; a step asks it for the conditioning of its items.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import tdft
+from .atomic_files import load_torch, save_torch
+from .conditioning import TextEncoder
+from .data import ImageCaptionFolder, LatentDataset, PromptList
+from .errors import DataError
+
+
+@dataclass
+class EncodedData:
+    latents: torch.Tensor | None   # real latents [N, C, (T,) H, W] or None (data-free)
+    item_conds: list[dict]         # per item: conditioning tensors (batch 1, CPU)
+    uncond: dict                   # the teacher's unconditional input (batch 1, CPU)
+    latent_shape: tuple            # (C, (T,) H, W) of one latent
+    repeats: list                  # per item: how often it appears in an epoch
+
+    def conds(self, items, device) -> dict:
+        """Batched conditioning of data items `items` (a sequence of indices), on `device`."""
+        return _to(tdft.concat_conds([self.item_conds[int(i)] for i in items]), device)
+
+    def unconds(self, n: int, device) -> dict:
+        return _to(tdft.concat_conds([self.uncond] * n), device)
+
+
+def _to(cond: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in cond.items()}
+
+
+def encode_data(data, base_model, clip, vae, geometry, resolution: int, fps: float, uncond: str,
+                cache_dir: Path, log=print) -> EncodedData:
+    """Everything the steps need from the data, on the CPU. `uncond`: "empty_prompt" | "zeros"."""
+    with torch.no_grad():
+        latents = LATENTS[type(data)](data, base_model, vae, geometry, fps, cache_dir, log)
+        latent_shape = tuple(latents.shape[1:]) if latents is not None else geometry.shape(resolution)
+        text = TextEncoder(base_model, clip, latent_shape)
+        cache = {caption: text.prompt(caption).as_cond() for caption in dict.fromkeys(data.captions)}
+        unconditional = text.zeros() if uncond == "zeros" else text.prompt("", "negative")
+    return EncodedData(latents, [cache[caption] for caption in data.captions], unconditional.as_cond(),
+                       latent_shape, list(data.repeats))
+
+
+def _encode_media(data, base_model, vae, geometry, fps: float, cache_dir: Path, log):
+    """Images (and, for video models, clips) through the VAE into the model's latent space, cached."""
+    if vae is None:
+        raise DataError("training on images needs the VAE of the checkpoint to encode them")
+    frames = geometry.frames if geometry.time_axis else 1  # image models: a clip's first frame
+    if frames > 1 and data.has_clips and not all(item.is_clip for item in data.items):
+        raise DataError(f"{str(data.folder)!r} mixes images (one-frame clips) and clips ({frames} frames): their "
+                        "latents cannot share a batch; train them in separate runs, or set frames = 1")
+    path = _latent_cache_path(data, base_model, vae, (frames, fps), cache_dir)
+    cached = _read_cache(path, len(data), log)
+    if cached is not None:
+        return cached
+    latents = []
+    for i in range(len(data)):
+        pixels = data.load_frames(i, frames, fps)
+        raw = vae.encode(pixels[..., :3])
+        latents.append(base_model.process_latent_in(raw.float().cpu()).clone())
+    latents = torch.cat(latents)
+    save_torch(path, latents)
+    log(f"encoded {len(latents)} items to latents {tuple(latents.shape[1:])}, cached at {path}")
+    return latents
+
+
+def _read_cache(path: Path, count: int, log):
+    if not path.is_file():
+        return None
+    try:
+        cached = load_torch(path)
+        usable = torch.is_tensor(cached) and cached.shape[0] == count and bool(torch.isfinite(cached).all())
+    except Exception as e:  # damaged (a crash while copying, a full disk): encode again
+        log(f"the latent cache {path} is unreadable ({type(e).__name__}); encoding the data again")
+        return None
+    if usable:
+        log(f"using cached latents {path}")
+        return cached
+    return None
+
+
+# data kind -> its real latents (None: data-free, the trajectory buffer makes its own)
+LATENTS = {
+    ImageCaptionFolder: _encode_media,
+    LatentDataset: lambda data, *_: data.latents,
+    PromptList: lambda data, *_: None,
+}
+
+
+def _latent_cache_path(data, base_model, vae, sampling, cache_dir: Path) -> Path:
+    from .identity import tensor_digest
+
+    h = hashlib.sha256(f"{data.fingerprint()}|frames, fps={sampling}|".encode())
+    h.update(base_model.latent_format.__class__.__name__.encode())
+    first_stage = getattr(vae, "first_stage_model", None)
+    if first_stage is not None:  # a VAE without one: the cache is still keyed by the data
+        sd = first_stage.state_dict()
+        for name in sorted(sd)[:8]:
+            tensor_digest(h, name, sd[name])
+    return Path(cache_dir) / f"latents-{h.hexdigest()[:16]}.pt"
