@@ -3,7 +3,7 @@ an extension). Chosen once by `make_trained`; the trainer only uses the shared i
 
   student_forward / teacher_forward(x, sigma, cond)   x0-predictions (BaseModel.apply_model)
   module, parameters(), may_skip_parameters           what the optimizer and DDP see
-  student_uses_base                                   do student gradients pass through the loaded model?
+  streamed_student_layers(device)                     layers of the student ComfyUI streams in (streaming.py)
   active()                                            context in which forwards use the trained weights
   student_diffusion_model                             the network whose blocks gradient checkpointing wraps
   update_teacher()                                    the EMA step θ⁻ ← d·θ⁻ + (1 − d)·θ (no-op for a frozen teacher)
@@ -26,6 +26,7 @@ import torch
 
 from .errors import TrainingError, UnsupportedModel
 from .lora import LoRAAdapters
+from .streaming import streamed_layers
 
 
 def _cpu_copy(module: torch.nn.Module) -> dict:
@@ -132,7 +133,6 @@ def rebuild_float32(patcher):
 class FullWeights:
     """Full fine-tuning (the paper): a float32 student copy of the whole diffusion model."""
     may_skip_parameters = True  # architectures have layers some inputs never reach
-    student_uses_base = False  # the student is its own copy; the loaded model only serves the frozen teacher
 
     def __init__(self, base_patcher, config):
         self.base_patcher, self.base_model = base_patcher, base_patcher.model
@@ -151,6 +151,9 @@ class FullWeights:
     @property
     def student_diffusion_model(self) -> torch.nn.Module:
         return self.student_model.diffusion_model
+
+    def streamed_student_layers(self, device) -> list:
+        return []  # the student is its own copy, fully on the device; the loaded model only serves the teacher
 
     def parameters(self) -> list:
         return list(self.module.parameters())
@@ -201,7 +204,6 @@ class FullWeights:
 class LoRAWeights:
     """A LoRA adapter on the loaded model (extension): only the adapter's matrices train."""
     may_skip_parameters = False  # every targeted layer runs in every forward pass
-    student_uses_base = True  # the student is the loaded model plus adapters: gradients pass through it
 
     def __init__(self, base_patcher, config):
         self.base_patcher = base_patcher
@@ -220,6 +222,9 @@ class LoRAWeights:
     @property
     def student_diffusion_model(self) -> torch.nn.Module:
         return self.base_model.diffusion_model
+
+    def streamed_student_layers(self, device) -> list:
+        return streamed_layers(self.base_model.diffusion_model, device)  # the student is the loaded model
 
     def parameters(self) -> list:
         return list(self.module.parameters())

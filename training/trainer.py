@@ -35,7 +35,7 @@ from .identity import model_identity
 from .optimization import Optimization
 from .signals import signals_deferred
 from .starts import make_starts
-from .streaming import recast_in_backward, streamed_layers
+from .streaming import recast_in_backward
 from .trained import make_trained
 
 _log = logging.getLogger("comfy_selfnpo.training")
@@ -259,8 +259,7 @@ class TDFTTrainer:
     def _student_passes(self):
         """Where student forwards and backwards run: the trained weights in place, streamed base layers
         recomputed in the backward pass (streaming.py), blocks checkpointed if asked."""
-        streamed = streamed_layers(self.base_model.diffusion_model, self.device) if self.trained.student_uses_base else []
-        with self.trained.active(), recast_in_backward(streamed), \
+        with self.trained.active(), recast_in_backward(self.trained.streamed_student_layers(self.device)), \
                 gradient_checkpointing(self.trained.student_diffusion_model, self.config.gradient_checkpointing):
             yield
 
