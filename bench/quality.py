@@ -42,10 +42,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning: on a shared CPU a spinning thread waits for a busy
-# core, which made the two-thread base-model training 15x slower than one thread (measured at load 3
-# on 2 cores); it changes no number. Only effective before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _boot import ROOT, boot_comfyui  # noqa: E402
@@ -120,8 +116,7 @@ def unsupported_reason(row: Row, interval_percents) -> str | None:
 
 
 def sample_jobs(rows, budget: Budget, interval_percents) -> list:
-    """Every (row, g, seed) to sample, the unguided g = 1 batches first; the costliest rows early
-    so that the workers finish together."""
+    """Every (row, g, seed) to sample, the unguided g = 1 batches first."""
     jobs = [pipeline.SampleJob(UNGUIDED, "", (), 1.0, seed) for seed in budget.seeds]
     for row in rows:
         options = tuple(sorted(row.kwargs(interval_percents).items()))
