@@ -26,6 +26,9 @@ version and covers each mode once it exists.
   python bench/quality.py                # full budget: about 15 min on 2 CPU cores
   python bench/quality.py --budget toy   # the whole pipeline in about a minute (what the test runs)
   python bench/quality.py --publish      # also copy the figure and JSON to docs/ (for the README)
+  python bench/quality.py --check docs/quality_results.json
+                                         # a fresh run against the published one: exit 1 unless every
+                                         # point lies within its reported standard error
 Writes bench/results/quality.json, quality_frontier.png and quality_samples.png.
 """
 from __future__ import annotations
@@ -339,6 +342,32 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(fresh: dict, published: dict) -> tuple[float, list[str]]:
+    """Every scored point of `published` against the same (row, g) of `fresh`: a metric matches when
+    the two means differ by at most the larger of their standard errors. Returns the worst
+    |difference| / allowance (0 when everything is identical) and a line per mismatch or missing point."""
+    def points(results):
+        out = {(UNGUIDED, 1.0): results["unguided"]}
+        for row in results["rows"]:
+            out.update({(row["name"], p["g"]): p for p in row["points"]})
+        return out
+
+    fresh_points, worst, problems = points(fresh), 0.0, []
+    for key, old in points(published).items():
+        new = fresh_points.get(key)
+        if new is None:
+            problems.append(f"{key[0]} g={key[1]:g}: missing from the fresh run")
+            continue
+        for metric in METRICS:
+            difference, allowed = abs(new[metric][0] - old[metric][0]), max(new[metric][1], old[metric][1])
+            if difference > allowed:
+                problems.append(f"{key[0]} g={key[1]:g} {metric}: {new[metric][0]:.4g} now, "
+                                f"{old[metric][0]:.4g} published (standard error {allowed:.3g})")
+            if difference > 0:
+                worst = max(worst, difference / allowed if allowed > 0 else float("inf"))
+    return worst, problems
+
+
 def shown_scale(budget: Budget) -> float:
     """The guidance scale the sample figure shows: the sweep's value closest to 3."""
     return min(budget.guidance_scales, key=lambda g: abs(g - 3.0))
@@ -384,7 +413,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="folder for quality.json and the figures")
     parser.add_argument("--publish", action="store_true",
                         help="also copy the figure and JSON to docs/ (what the README shows)")
+    parser.add_argument("--check", metavar="JSON",
+                        help="compare this run with a published quality.json; exit 1 when a point moved by more "
+                             "than its standard error")
     args = parser.parse_args(argv)
+    published = json.loads(Path(args.check).read_text()) if args.check else None  # a bad path fails before the run
     boot_comfyui(cpu=True)
     import logging
 
@@ -400,6 +433,11 @@ def main(argv=None) -> int:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if args.publish:
         publish(paths)
+    if published is not None:
+        worst, problems = compare(results, published)
+        print(f"against {args.check}: largest difference {worst:.2f} standard errors")
+        print("\n".join(problems) if problems else "every point within its standard error")
+        return 1 if problems else 0
     return 0
 
 

@@ -124,3 +124,20 @@ def test_quality_benchmark_runs_end_to_end_at_a_toy_budget(tmp_path):
     text = quality.table(saved) + quality.summary_table(saved)
     assert all(r["name"] in text for r in saved["rows"]) and "wall time" in text
     assert any("base model" in m for m in messages)
+
+
+def test_check_against_published_results_flags_a_point_moved_beyond_its_standard_error():
+    def results(fd_cfg):
+        def p(g, fd):
+            return {"g": g, "fd": [fd, 1.0], "precision": [0.9, 0.01], "recall": [0.8, 0.02], "accuracy": [0.95, 0.0]}
+        return {"unguided": p(1.0, 30.0), "rows": [{"name": "cfg", "points": [p(2.0, fd_cfg)]},
+                                                    {"name": "skipped row", "points": []}]}
+
+    assert quality.compare(results(20.0), results(20.0)) == (0.0, [])
+    worst, problems = quality.compare(results(20.5), results(20.0))  # half a standard error
+    assert worst == pytest.approx(0.5) and problems == []
+    worst, problems = quality.compare(results(22.5), results(20.0))
+    assert worst == pytest.approx(2.5) and len(problems) == 1 and problems[0].startswith("cfg g=2 fd: 22.5 now")
+    missing = results(20.0)
+    missing["rows"][0]["points"] = []
+    assert quality.compare(missing, results(20.0))[1] == ["cfg g=2: missing from the fresh run"]
