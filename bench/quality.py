@@ -4,10 +4,10 @@ Pipeline (everything is trained here, from a fixed seed; nothing is downloaded):
   1. data       scikit-learn's handwritten digits (1797 8x8 images, ships inside the package), split
                 into a held-out reference set (PER_CLASS per class) and a training set
   2. judge      a small CNN classifier trained on the training set; its penultimate layer is the
-                feature space of the metrics (bench/quality_metrics.py)
+                feature space of the metrics (digits/metrics.py)
   3. model      the tiny SD1.5 UNet (ComfyUI's own classes) trained from scratch on the training digits
                 with class-name prompts ("a handwritten digit seven") encoded by the tiny CLIP, and
-                10 % condition dropout so the empty prompt is a usable CFG negative (digits_model.py)
+                10 % condition dropout so the empty prompt is a usable CFG negative (digits/model.py)
   4. negatives  the pack's real TDFT trainer makes the Self-NPO negative model, data-free (prompts
                 only) and with data (the training digits as latents); a control gets the same budget
                 (steps, batch, learning rate, AdamW) as plain fine-tuning on real data with the
@@ -130,7 +130,7 @@ def sample_jobs(rows, budget: Budget, interval_percents) -> list:
 
 def point(per_seed: list[dict], g: float) -> dict:
     """Metrics of one (row, g) over the seeds: {metric: [mean, stderr]} and the per-seed values."""
-    from quality_metrics import mean_and_stderr
+    from comfy_selfnpo.digits.metrics import mean_and_stderr
 
     out = {"g": g}
     for metric in METRICS:
@@ -213,7 +213,7 @@ class JobRunner:
 
 def interval_percents() -> tuple:
     """INTERVAL_SIGMAS as ComfyUI start/end percents of the digits model's noise schedule."""
-    from comfy_selfnpo import digits_model as dm
+    from comfy_selfnpo.digits import model as dm
 
     sampling = dm.model_sampling()
     return tuple(round(dm.sigma_to_percent(s, sampling), 3) for s in INTERVAL_SIGMAS)
@@ -221,7 +221,7 @@ def interval_percents() -> tuple:
 
 def prepare(setup, budget: Budget, timings: dict, log, reuse_base: bool):
     """Data, classifier and base model: (digits, reference, reference scores, base-model losses)."""
-    import quality_metrics as qm
+    from comfy_selfnpo.digits import metrics as qm
 
     with stage(timings, "data and classifier", log):
         digits = pipeline.split_digits(budget.per_class, budget.data_seed)
@@ -238,7 +238,7 @@ def run(budget: Budget, work_dir: Path, rows=ROWS, log=print, workers: int = 2, 
     """The whole benchmark. Returns (results: what quality.json holds, samples: (row name, g) ->
     the first seed's images [N, 8, 8], plus the held-out real digits under REAL)."""
     import torch
-    from comfy_selfnpo import digits_model as dm
+    from comfy_selfnpo.digits import model as dm
 
     torch.set_num_threads(budget.threads)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -375,7 +375,7 @@ def shown_scale(budget: Budget) -> float:
 
 def write_outputs(results: dict, samples: dict, out: Path) -> dict[str, Path]:
     import quality_plot
-    from comfy_selfnpo.digits_model import image_grid
+    from comfy_selfnpo.digits.model import image_grid
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "quality.json", "frontier": out / "quality_frontier.png",

@@ -81,7 +81,7 @@ class Digits:
 def split_digits(per_class: int, seed: int) -> Digits:
     """A stratified held-out set of `per_class` digits per class; the rest trains."""
     import torch
-    from comfy_selfnpo.digits_model import load_digits_images
+    from comfy_selfnpo.digits.model import load_digits_images
 
     images, labels = load_digits_images()
     order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -95,7 +95,7 @@ def train_base_model(setup: Setup, digits: Digits, log, reuse: bool = False) -> 
     """Train the digits model from scratch and save its UNet to setup.base_file. With `reuse`, an
     earlier run's file made with the same budget is kept instead (a development shortcut)."""
     import safetensors.torch
-    from comfy_selfnpo import digits_model as dm
+    from comfy_selfnpo.digits import model as dm
 
     budget = Budget.from_dict(setup.budget)
     if reuse and setup.base_file.is_file():
@@ -153,7 +153,7 @@ def base():
     """(MODEL, CLIP, PromptConds) of the trained base model."""
     def build():
         import safetensors.torch
-        from comfy_selfnpo import digits_model as dm
+        from comfy_selfnpo.digits import model as dm
 
         model, clip = dm.build_digits_checkpoint(WORKER["budget"].data_seed)
         model.model.diffusion_model.load_state_dict(safetensors.torch.load_file(str(WORKER["setup"].base_file)))
@@ -198,14 +198,14 @@ def _tdft(name: str, data) -> list[float]:
 
 
 def self_npo_data_free() -> list[float]:
-    from comfy_selfnpo.digits_model import PROMPTS
+    from comfy_selfnpo.digits.model import PROMPTS
     from comfy_selfnpo.training import PromptList
 
     return _tdft("self_npo_data_free", PromptList(list(PROMPTS)))
 
 
 def self_npo_data() -> list[float]:
-    from comfy_selfnpo.digits_model import images_to_latents, prompt_for
+    from comfy_selfnpo.digits.model import images_to_latents, prompt_for
     from comfy_selfnpo.training import LatentDataset
 
     d = digits()
@@ -218,7 +218,7 @@ def finetune_control() -> list[float]:
     rate, AdamW, weight decay 1e-3, clip 1.0, no condition dropout: TDFT's student always sees the
     caption), saved in the same offset format and used as the negative model the same way."""
     import safetensors.torch
-    from comfy_selfnpo import digits_model as dm
+    from comfy_selfnpo.digits import model as dm
 
     b, d = WORKER["budget"], digits()
     model, _clip, conds = base()
@@ -286,18 +286,11 @@ def guided_model(negative: str, options: tuple):
 
 
 def sample_digits(model, g: float, seed: int):
-    """One batch of `per_class` digits of every class through KSampler's code path: [N, 8, 8]."""
-    import torch
-    import comfy.sample
-    from comfy_selfnpo.digits_model import latents_to_images
+    """One batch of `per_class` digits of every class: [N, 8, 8]."""
+    from comfy_selfnpo.digits.model import sample_digits as sample
 
     b = WORKER["budget"]
-    _model, _clip, conds = base()
-    labels = digits().sample_labels
-    noise = torch.randn((labels.shape[0], 4, 8, 8), generator=torch.Generator().manual_seed(seed))
-    raw = comfy.sample.sample(model, noise, b.sampling_steps, g, b.sampler, b.scheduler, conds.positive(labels),
-                              conds.negative(), torch.zeros_like(noise), disable_pbar=True, seed=seed)
-    return latents_to_images(model.model.process_latent_in(raw))
+    return sample(model, base()[2], digits().sample_labels, g, seed, b.sampling_steps, b.sampler, b.scheduler)
 
 
 def sample_job(job: SampleJob):

@@ -17,10 +17,10 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import quality  # noqa: E402
-import quality_metrics as qm  # noqa: E402
+from comfy_selfnpo.digits import metrics as qm  # noqa: E402
 import quality_pipeline as pipeline  # noqa: E402
 
-from comfy_selfnpo import digits_model  # noqa: E402
+from comfy_selfnpo.digits import model as digits_model  # noqa: E402
 
 
 def test_frechet_distance_matches_the_scipy_formula():
@@ -141,3 +141,51 @@ def test_check_against_published_results_flags_a_point_moved_beyond_its_standard
     missing = results(20.0)
     missing["rows"][0]["points"] = []
     assert quality.compare(missing, results(20.0))[1] == ["cfg g=2: missing from the fresh run"]
+
+
+# ------------------------------------------------------------------ the demo's shipped digits model
+
+def test_the_demo_repeats_the_benchmark_s_negative_model_and_sampling():
+    from comfy_selfnpo.digits import demo
+    from comfy_selfnpo.training import cli
+    from comfy_selfnpo.training.settings import build_config
+
+    budget = quality.BUDGETS["full"]
+    config = build_config(cli.DEMO_PRESET, cli.DEMO_OVERRIDES)
+    assert (config.steps, config.batch_size * config.grad_accum, config.learning_rate, config.trajectory_buffer) == (
+        budget.npo_steps, budget.npo_batch, budget.npo_lr, budget.npo_buffer)
+    assert config.mode == "full" and config.resolution == 64  # the 8x8 digit latent
+    assert demo.DEMO_CFG in budget.guidance_scales
+    assert (demo.DEMO_PER_CLASS, demo.DEMO_SAMPLING_STEPS) == (budget.per_class, budget.sampling_steps)
+
+
+def test_the_shipped_demo_model_matches_this_version_and_judges_real_digits():
+    from comfy_selfnpo.digits import demo
+    from comfy_selfnpo.digits import metrics
+
+    shipped = demo.load_demo_model()  # raises when the tiny CLIP no longer encodes its prompts so
+    budget = quality.BUDGETS["full"]
+    digits = pipeline.split_digits(budget.per_class, budget.data_seed)
+    # its reference features are the classifier's features of the benchmark's held-out split
+    features, predicted = metrics.classify(shipped.judge.classifier, digits.test_images)
+    assert torch.allclose(features, shipped.judge.features, atol=1e-4)
+    assert float((predicted == digits.test_labels).double().mean()) > 0.95
+    scale = quality.reference_scores(shipped.judge, digits, budget)  # real training digits vs uniform noise
+    assert scale["real_train_digits"]["accuracy"] > 0.95 and scale["real_train_digits"]["fd"] < 20
+    assert scale["uniform_noise"]["fd"] > 10 * scale["real_train_digits"]["fd"]
+
+
+def test_a_missing_or_outdated_demo_model_is_refused_with_the_command_that_remakes_it(tmp_path):
+    import safetensors.torch
+    from comfy_selfnpo.digits import demo
+
+    with pytest.raises(demo.DemoModelError, match="missing.*make_digits_demo_model.py"):
+        demo.load_demo_model(tmp_path / "nothing.safetensors")
+    tensors = safetensors.torch.load_file(str(demo.DEMO_MODEL))
+    with __import__("safetensors").safe_open(str(demo.DEMO_MODEL), "pt") as f:
+        metadata = f.metadata()
+    tensors["prompt_embeddings"] = tensors["prompt_embeddings"] + 0.1  # as if another CLIP had encoded them
+    outdated = tmp_path / "outdated.safetensors"
+    safetensors.torch.save_file(tensors, str(outdated), metadata=metadata)
+    with pytest.raises(demo.DemoModelError, match="another version of the tiny CLIP.*make_digits_demo_model.py"):
+        demo.load_demo_model(outdated)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import tiny_models
+from .. import tiny_models
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 LATENT_CHANNELS = 4
@@ -237,3 +237,17 @@ def image_grid(images: torch.Tensor, columns: int, scale: int = 4, pad: int = 1)
         r, c = divmod(i, columns)
         canvas[pad + r * cell_h: pad + r * cell_h + h * scale, pad + c * cell_w: pad + c * cell_w + w * scale] = big[i]
     return Image.fromarray((canvas * 255).round().byte().numpy(), mode="L")
+
+
+def sample_digits(model, conds: PromptConds, labels: torch.Tensor, cfg: float, seed: int, steps: int,
+                  sampler: str = "euler", scheduler: str = "normal") -> torch.Tensor:
+    """One digit per label through KSampler's code path (comfy.sample.sample), the empty prompt as
+    CFG's negative: [N, 8, 8] images in [0, 1]. `model` is the digits MODEL or a patch of it (such
+    as Apply Self-NPO's)."""
+    import comfy.sample
+
+    noise = torch.randn((labels.shape[0], LATENT_CHANNELS, IMAGE_SIZE, IMAGE_SIZE),
+                        generator=torch.Generator().manual_seed(seed))
+    raw = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, conds.positive(labels), conds.negative(),
+                              torch.zeros_like(noise), disable_pbar=True, seed=seed)
+    return latents_to_images(model.model.process_latent_in(raw))
