@@ -26,6 +26,7 @@ version and covers each mode once it exists.
   python bench/quality.py                # full budget: about 15 min on 2 CPU cores
   python bench/quality.py --budget toy   # the whole pipeline in about a minute (what the test runs)
   python bench/quality.py --publish      # also copy the figure and JSON to docs/ (for the README)
+  python bench/quality.py --report docs/quality_results.json   # the tables of the published run
   python bench/quality.py --check docs/quality_results.json
                                          # a fresh run against the published one: exit 1 unless every
                                          # point lies within its reported standard error
@@ -368,6 +369,26 @@ def compare(fresh: dict, published: dict) -> tuple[float, list[str]]:
     return worst, problems
 
 
+def paired_table(results: dict) -> str:
+    """Each row minus plain CFG at the same g and noise seed, mean ± standard error over the seeds:
+    the seeds share their noise, so the paired difference is far more precise than the two curves'
+    own standard errors suggest."""
+    from comfy_selfnpo.digits.metrics import mean_and_stderr
+
+    cfg = {p["g"]: p for row in results["rows"] if row["name"] == "cfg" for p in row["points"]}
+    head = f"{'difference to cfg at the same g and seed':50} {'g':>4}  " + "  ".join(f"{m:>13}" for m in METRICS)
+    lines = [head, "-" * len(head)]
+    for row in results["rows"]:
+        for p in row["points"] if row["name"] != "cfg" else ():
+            cells = []
+            for metric in METRICS:
+                diffs = [a[metric] - b[metric] for a, b in zip(p["per_seed"], cfg[p["g"]]["per_seed"])]
+                mean, err = mean_and_stderr(diffs)
+                cells.append(f"{mean:+7.3f}±{err:<5.3f}")
+            lines.append(f"{row['name']:50} {p['g']:>4g}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
 def shown_scale(budget: Budget) -> float:
     """The guidance scale the sample figure shows: the sweep's value closest to 3."""
     return min(budget.guidance_scales, key=lambda g: abs(g - 3.0))
@@ -413,10 +434,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="folder for quality.json and the figures")
     parser.add_argument("--publish", action="store_true",
                         help="also copy the figure and JSON to docs/ (what the README shows)")
+    parser.add_argument("--report", metavar="JSON",
+                        help="print the tables of a saved quality.json (e.g. docs/quality_results.json) and exit")
     parser.add_argument("--check", metavar="JSON",
                         help="compare this run with a published quality.json; exit 1 when a point moved by more "
                              "than its standard error")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        boot_comfyui(cpu=True)
+        print("\n\n".join((table(saved), summary_table(saved), paired_table(saved))))
+        return 0
     published = json.loads(Path(args.check).read_text()) if args.check else None  # a bad path fails before the run
     boot_comfyui(cpu=True)
     import logging
@@ -430,6 +458,7 @@ def main(argv=None) -> int:
     paths = write_outputs(results, samples, out)
     print(table(results))
     print(summary_table(results))
+    print(paired_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if args.publish:
         publish(paths)

@@ -122,6 +122,11 @@ def test_quality_benchmark_runs_end_to_end_at_a_toy_budget(tmp_path):
         curve = [saved["unguided"]["fd"][0]] + [q["fd"][0] for q in by_name[name]["points"]]
         assert p["fd"][0] == min(curve)
     text = quality.table(saved) + quality.summary_table(saved)
+    paired = quality.paired_table(saved).splitlines()
+    npo = by_name["npo · Self-NPO data-free"]["points"][1]
+    difference = npo["fd"][0] - by_name["cfg"]["points"][1]["fd"][0]
+    line = next(l for l in paired if l.startswith("npo · Self-NPO data-free ") and " 4  " in l)
+    assert f"{difference:+7.3f}±0.000" in line
     assert all(r["name"] in text for r in saved["rows"]) and "wall time" in text
     assert any("base model" in m for m in messages)
 
