@@ -78,10 +78,24 @@ class Digits:
         return self.test_labels.sort().values
 
 
+def load_digits_images():
+    """scikit-learn's digits as (images [1797, 8, 8] in [0, 1], labels [1797] int64). scikit-learn
+    ships the data inside the package, so this works offline."""
+    import torch
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the digits data come with scikit-learn; install the benchmark extra: "
+                          "pip install -e '.[bench]'") from e
+    data = load_digits()
+    images = torch.from_numpy(data.images).float() / 16.0
+    return images, torch.from_numpy(data.target).long()
+
+
 def split_digits(per_class: int, seed: int) -> Digits:
     """A stratified held-out set of `per_class` digits per class; the rest trains."""
     import torch
-    from comfy_selfnpo.digits.model import load_digits_images
 
     images, labels = load_digits_images()
     order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))

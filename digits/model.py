@@ -13,7 +13,7 @@ map that adds and hides nothing: every difference between two samplers is the di
 No real VAE would fit 8x8 images (TAESD downscales 8x); an 8x8 latent suits the tiny UNet (one
 downsampling level, 4x4 at the bottom).
 
-    images, labels = load_digits_images()                 # [N, 8, 8] in [0, 1], ints 0..9
+    images, labels = load_digits_images()                 # bench/quality_pipeline.py (scikit-learn)
     digits = train_digits_model(images, labels, DenoiserTraining(steps=3000))
     digits.model, digits.clip                             # MODEL and CLIP, as a loader node gives them
     digits.conds.positive(labels), digits.conds.negative()  # CONDITIONING for KSampler
@@ -54,19 +54,6 @@ def images_to_latents(images: torch.Tensor) -> torch.Tensor:
 def latents_to_images(latents: torch.Tensor) -> torch.Tensor:
     """Model-space latents [N, 4, 8, 8] -> [N, 8, 8] grey images in [0, 1] (mean over channels)."""
     return ((latents.float().mean(dim=1) + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-def load_digits_images():
-    """scikit-learn's digits as (images [1797, 8, 8] in [0, 1], labels [1797] int64). scikit-learn
-    ships the data inside the package, so this works offline."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise ImportError("the digits data come with scikit-learn; install the benchmark extra: "
-                          "pip install -e '.[bench]'") from e
-    data = load_digits()
-    images = torch.from_numpy(data.images).float() / 16.0
-    return images, torch.from_numpy(data.target).long()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_mean_and_stderr():
 
 
 def test_digit_latents_round_trip_and_fill_all_channels():
-    images, labels = digits_model.load_digits_images()
+    images, labels = pipeline.load_digits_images()
     assert images.shape == (1797, 8, 8) and float(images.max()) == 1.0 and set(labels.tolist()) == set(range(10))
     latents = digits_model.images_to_latents(images[:5])
     assert latents.shape == (5, 4, 8, 8) and float(latents.min()) == -1.0
