@@ -172,7 +172,7 @@ def test_the_demo_runs_without_bench_packages(without_bench_packages, tmp_path):
     from cli_setup import cli_executable
 
     out = tmp_path / "demo"
-    run = subprocess.run([cli_executable(), "--demo", "--steps", "2", "--trajectory-buffer", "2", "--no-progress",
+    run = subprocess.run([cli_executable(), "--demo", "--steps", "2", "--batch-size", "2", "--trajectory-buffer", "2", "--no-progress",
                           "--output", str(out)], env=without_bench_packages, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "demo_grid.png").stat().st_size > 0 and (out / "self_npo.safetensors").stat().st_size > 0

@@ -36,14 +36,13 @@ EXIT_CODES = {
 }
 TINY_MODELS_ENV = "COMFY_SELFNPO_TINY_MODELS"
 
-DEMO_PROMPTS = ["a red cube on a table", "a portrait of an old sailor", "a mountain lake at dawn",
-                "a bowl of fruit, oil painting"]
-# The demo trains a LoRA on the built-in tiny SD1.5 model: big enough to show the whole pipeline
-# (data-free TDFT, export, CFG vs NPO-CFG), small enough for a laptop CPU in about a minute.
-DEMO_OVERRIDES = dict(mode="lora", teacher="base", lora_rank=4, lora_alpha=4.0, lora_targets="attn",
-                      learning_rate=1e-3, weight_decay=0.0, batch_size=2, grad_accum=1, steps=60,
-                      resolution=64, trajectory_buffer=8, mixed_precision="no",
-                      gradient_checkpointing=False, output_format="lora")
+# The demo makes a data-free Self-NPO negative model of the built-in handwritten-digits model
+# (digits/demo.py) as the quality benchmark makes it: the SD1.5 recipe, full weights, at the
+# benchmark's budget (bench/quality_pipeline.py Budget.npo_*; a test keeps the two equal). About
+# two minutes on a laptop CPU.
+DEMO_PRESET = "sd15"
+DEMO_OVERRIDES = dict(steps=300, batch_size=32, grad_accum=1, learning_rate=2e-5, trajectory_buffer=64,
+                      resolution=64, mixed_precision="no", gradient_checkpointing=False, output_format="offset")
 
 log = logging.getLogger("comfy_selfnpo.cli")
 
@@ -113,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--tensorboard", help="also log loss, learning rate and previews for TensorBoard into this "
                      "folder (needs the tensorboard extra)")
     out.add_argument("--preview-steps", type=int, help="sampling steps of a preview (default 20)")
-    out.add_argument("--preview-cfg", type=float, help="CFG scale of the previews (default 7.0)")
+    out.add_argument("--preview-cfg", type=float,
+                     help="CFG scale of the previews and of the demo grid (default 7.0; 1.5 with --demo)")
     run = parser.add_argument_group("run")
     run.add_argument("--config", help="TOML file with any of these options (names with _ or -), for repeatable runs")
     run.add_argument("--preset", choices=sorted(PRESETS), help=f"hyper-parameter preset (default {DEFAULT_PRESET}, as the "
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "lora-8gb/12gb/16gb/24gb sized for consumer GPUs")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): the GPU ComfyUI finds, else CPU")
     run.add_argument("--demo", action="store_true", default=None,
-                     help="train a Self-NPO LoRA on a built-in tiny model and write a CFG vs NPO-CFG grid")
+                     help="train a Self-NPO negative model of the built-in handwritten-digits model (about two "
+                          "minutes on a CPU) and write a CFG vs NPO-CFG grid with measured quality")
     run.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
     run.add_argument("--verbose", "-v", action="store_true", default=None, help="log what the trainer does")
     run.add_argument("--dist-timeout", type=float,
@@ -349,18 +350,14 @@ def _config_from_args(args):
     if args.demo:
         overrides = {**DEMO_OVERRIDES, **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        return build_config(args.preset or DEFAULT_PRESET, overrides)
+        return build_config(args.preset or (DEMO_PRESET if args.demo else DEFAULT_PRESET), overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
 def _load(args):
     if args.demo:
-        from .. import tiny_models
-        from .model_loading import LoadedModels
-
-        ckpt = tiny_models.build_checkpoint("sd15", seed=0)
-        return LoadedModels(ckpt.model, ckpt.clip, ckpt.vae, "built-in tiny SD1.5 model (demo)")
+        return _load_demo()
     from .model_loading import load_checkpoint, load_parts, with_shift
 
     if args.checkpoint and not (args.diffusion_model or args.text_encoder or args.vae):
@@ -374,31 +371,41 @@ def _load(args):
     return loaded
 
 
+def _load_demo():
+    from ..digits.demo import DemoModelError, load_demo_model
+    from .model_loading import LoadedModels, ModelLoadError
+
+    try:
+        demo = load_demo_model()
+    except DemoModelError as e:
+        raise ModelLoadError(str(e)) from None
+    # no VAE: a digit image is its own latent (digits/model.py); previews use ComfyUI's latent preview
+    return LoadedModels(demo.model, demo.clip, None, demo.description, demo=demo)
+
+
 def _data(args, config):
     from .data import ImageCaptionFolder, PromptList, read_prompts_file
 
     if args.demo and not (args.data or args.prompts):
-        return PromptList(DEMO_PROMPTS)
+        from ..digits.model import PROMPTS
+
+        return PromptList(list(PROMPTS))
     if args.prompts:
         return PromptList(read_prompts_file(args.prompts))
     return ImageCaptionFolder(args.data, config.resolution, caption_extension=args.caption_extension or ".txt")
 
 
-def write_demo_grid(loaded, negative_model, paths, settings, seeds=(0, 1)):
-    """Rows: demo prompts x seeds; columns: CFG | NPO-CFG with the same seed."""
+def write_demo_grid(loaded, negative_model, paths, cfg: float) -> tuple:
+    """CFG | NPO-CFG (Apply Self-NPO with the trained negative model), every digit from the same
+    noise, the columns labelled with the benchmark's metrics. Returns (path, {column: scores})."""
+    from ..digits.demo import compare_cfg_and_npo, comparison_grid
+    from ..npo.guidance import apply_self_npo
     from . import run_files
-    from .previews import sample_cfg_and_npo
 
-    rows, labels = [], []
-    for number, prompt in enumerate(DEMO_PROMPTS[:2], start=1):
-        for seed in seeds:
-            rows.append(list(sample_cfg_and_npo(loaded.model, negative_model, loaded.clip, loaded.vae,
-                                                prompt, seed, settings)))
-            labels.append(f"prompt {number}, seed {seed}")
-    grid = run_files.labelled_grid(rows, ["CFG", "NPO-CFG"], labels, scale=2)
+    compared = compare_cfg_and_npo(loaded.demo, apply_self_npo(loaded.model, negative_model), cfg)
     path = paths.run_dir / "demo_grid.png"
-    run_files.save_png(path, grid)
-    return path
+    run_files.save_png(path, comparison_grid(compared))
+    return path, {column: scores for column, (_images, scores) in compared.items()}
 
 
 def _say(message: str) -> None:
@@ -427,7 +434,7 @@ def _session(args, config, paths, stop, world):
         f"{loaded.description}; {len(data)} {'images' if args.data else 'prompts'}; {config.mode} mode, "
         f"{config.steps} steps, {world.describe()}; output {paths.run_dir}"))
     preview = PreviewSettings(steps=args.preview_steps or (10 if args.demo else 20),
-                              cfg=args.preview_cfg if args.preview_cfg is not None else 7.0, size=config.resolution)
+                              cfg=_preview_cfg(args), size=config.resolution)
     options = SessionOptions(resume=bool(args.resume), require_resume=bool(args.resume), refuse_existing=True,
                              allow_data_change=bool(args.allow_data_change),
                              preview_every=args.preview_every or 0, preview_prompt=args.preview_prompt or "",
@@ -438,6 +445,16 @@ def _session(args, config, paths, stop, world):
                                             "processes": world.size})
     session = TrainingSession(loaded.model, loaded.clip, loaded.vae, data, config, paths, options, world=world)
     return session, loaded, preview
+
+
+def _preview_cfg(args) -> float:
+    if args.preview_cfg is not None:
+        return args.preview_cfg
+    if args.demo:
+        from ..digits.demo import DEMO_CFG
+
+        return DEMO_CFG
+    return 7.0
 
 
 def _sample_prompts(args, config):
@@ -480,13 +497,17 @@ def _train(args, config, paths, stop, world) -> int:
 
 
 def _finish_demo(loaded, trainer, paths, preview, result) -> None:
+    from ..digits.demo import column_label
     from .run_files import save_summary
 
-    grid = write_demo_grid(loaded, trainer.negative_model(), paths, preview)
+    cfg = preview.cfg
+    grid, scores = write_demo_grid(loaded, trainer.negative_model(), paths, cfg)
     result.summary["paths"]["demo_grid"] = str(grid)
-    result.summary["demo_prompts"] = DEMO_PROMPTS[:2]
+    result.summary["demo"] = {"cfg": cfg, "scores": scores}
     save_summary(paths.summary, result.summary)
-    _say(f"demo grid (CFG vs NPO-CFG, same seeds): {grid}")
+    _say(f"demo grid (CFG vs NPO-CFG at cfg {cfg:g}, same seeds): {grid}")
+    _say(" | ".join(column_label(column, s) for column, s in scores.items())
+         + " (FD: distance to real digits in a classifier's features, lower is better)")
 
 
 def _run_paths(args, config):

@@ -25,6 +25,7 @@ class LoadedModels:
     clip: object    # comfy.sd.CLIP
     vae: object     # comfy.sd.VAE or None
     description: str
+    demo: object = None  # --demo: the digits model's judge and prompts (digits/demo.py DigitsDemo)
 
 
 def _read_state_dict(path, what: str):

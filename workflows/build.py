@@ -79,8 +79,9 @@ SAMPLER = dict(seed=20251124, steps=25, cfg=7.5, sampler_name="euler", scheduler
 GUIDANCE = dict(residency="auto", rank=0, mode="npo", autoguidance_scale=1.0, start_percent=0.0, end_percent=1.0)
 GUIDANCE_NOTE = ("* *mode*: `npo` (the paper: your negative prompt on the negative model), `autoguidance` (the "
                  "negative model on your prompt), `cfg+autoguidance` (plain CFG plus *autoguidance_scale* · "
-                 "(model − negative model)). *start_percent*/*end_percent* limit Self-NPO to part of the run; "
-                 "outside it a step is plain CFG and costs nothing extra.")
+                 "(model − negative model)); at a high cfg `autoguidance` keeps the most variety (README, *What "
+                 "to expect*). *start_percent*/*end_percent* limit Self-NPO to part of the run; outside it a step "
+                 "is plain CFG and costs nothing extra.")
 
 
 def _prompts_and_latent(g: Graph, clip, negative_title: str = "Negative prompt", size: int = 512):
