@@ -156,19 +156,13 @@ def dit_lora_offset(patcher, seed: int, rank: int = 4, alpha: float = 2.0, scale
     """A random low-rank offset δ on every attention projection (a Linear weight under a module
     named *attn* / *attention*) of a tiny DiT, and on its first convolution (the patch embedding
     of SD3, Wan, HunyuanVideo 1.5) where it has one."""
-    gen = torch.Generator().manual_seed(seed)
     sd = patcher.model.state_dict()
     keys = [k for k, w in sd.items() if k.startswith("diffusion_model.") and k.endswith(".weight") and w.ndim == 2
             and any(part.endswith(("attn", "attn1", "attn2", "attention")) for part in k.split("."))]
     keys += [k for k, w in sd.items() if k.startswith("diffusion_model.") and w.ndim >= 4][:1]
-    factors = {}
-    for key in keys:
-        w = sd[key]
-        up = torch.randn(w.shape[0], rank, generator=gen) * scale / rank ** 0.5
-        down = torch.randn((rank,) + tuple(w.shape[1:]), generator=gen) / w[0].numel() ** 0.5
-        factors[key] = (up.reshape((w.shape[0], rank) + (1,) * (w.ndim - 2)), down, alpha)
-    assert len(factors) >= 4, keys
-    return npo_files.LowRankOffset(factors)
+    offset = npo_files.lowrank_offset(patcher, keys, rank=rank, alpha=alpha, seed=seed, scale=scale)
+    assert len(offset.factors) >= 4, keys
+    return offset
 
 
 def native_lora_state_dict(offset: npo_files.LowRankOffset) -> dict:

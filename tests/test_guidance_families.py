@@ -131,10 +131,16 @@ def test_diffusers_lora_on_fused_layers_is_exact_low_rank_and_auto_batches_it(ki
     plan = get_plan(apply_self_npo(s.model, negative_model))
     assert plan.residency == "batched_lowrank"
     assert (plan.lowrank.exact_layers, plan.lowrank.dense_layers, plan.lowrank.svd_layers) == (len(change), 0, 0)
+    _assert_guides_like_hand_cfg("ksampler", s, reference, negative_model)
+
+
+def _assert_guides_like_hand_cfg(route: str, s, reference, negative_model) -> None:
+    """In both residencies, every step through `route` equals CFG computed by hand with the
+    independent `reference` negative model, and not with the setup's own (another LoRA)."""
     results = {}
     for residency in RESIDENCIES:
         recorder = StepRecorder()
-        results[residency], plan = _sample("ksampler", reference, negative_model, residency, recorder)
+        results[residency], plan = _sample(route, reference, negative_model, residency, recorder)
         assert plan.verified and plan.negative_calls == STEPS
         for step in recorder.steps:
             expected = hand_cfg(reference, step)
@@ -152,16 +158,8 @@ def test_diffusers_named_wan_lora_through_the_packs_loader_guides_like_the_chang
     negative_model, report = make_negative_model(s.model, npo, strength=STRENGTH)
     assert report.unmatched == [] and report.patched == len(change) == 20
     reference = dataclasses.replace(s, neg_ind=independent_model_with("wan21", None, change))
-    results = {}
-    for residency in RESIDENCIES:
-        recorder = StepRecorder()
-        results[residency], plan = _sample("guider", reference, negative_model, residency, recorder)
-        assert plan.verified and plan.negative_calls == STEPS
-        for step in recorder.steps:
-            assert rel_err(step["denoised"], hand_cfg(reference, step)) < 1e-4
-            assert rel_err(hand_cfg(s, step) - step["x"], hand_cfg(reference, step) - step["x"]) > 1e-2
+    _assert_guides_like_hand_cfg("guider", s, reference, negative_model)
     assert get_plan(apply_self_npo(s.model, negative_model)).residency == "batched_lowrank"
-    assert rel_err(results["batched_lowrank"], results["separate"]) < 1e-4
 
 
 def _warnings(caplog):
