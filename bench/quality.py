@@ -18,10 +18,6 @@ Pipeline (everything is trained here, from a fixed seed; nothing is downloaded):
   6. metrics    Fréchet distance in the classifier's feature space, k-NN precision and recall,
                 accuracy of the requested class: mean and standard error over the seeds
 
-Rows whose guidance mode or interval this version of the pack does not offer yet are listed as
-skipped (detected from `apply_self_npo`'s signature and its errors), so the script runs on every
-version and covers each mode once it exists.
-
   pip install -e '.[bench]'              # scikit-learn: the digits data (a bench-only dependency)
   python bench/quality.py                # full budget: about 15 min on 2 CPU cores
   python bench/quality.py --budget toy   # the whole pipeline in about a minute (what the test runs)
@@ -35,7 +31,6 @@ Writes bench/results/quality.json, quality_frontier.png and quality_samples.png.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -108,17 +103,6 @@ REAL = "real digits (held out)"
 # ------------------------------------------------------------------------------------------------
 # the sweep
 
-def unsupported_reason(row: Row, interval_percents) -> str | None:
-    """Why this version of apply_self_npo cannot run `row` (None when it can)."""
-    from comfy_selfnpo.npo import guidance
-
-    params = inspect.signature(guidance.apply_self_npo).parameters
-    missing = sorted(k for k in row.kwargs(interval_percents) if k not in params)
-    if missing:
-        return f"apply_self_npo has no {', '.join(missing)} in this version"
-    return None
-
-
 def sample_jobs(rows, budget: Budget, interval_percents) -> list:
     """Every (row, g, seed) to sample, the unguided g = 1 batches first."""
     jobs = [pipeline.SampleJob(UNGUIDED, "", (), 1.0, seed) for seed in budget.seeds]
@@ -145,20 +129,14 @@ def _point_line(name: str, p: dict) -> str:
             f"R {p['recall'][0]:.3f}  acc {p['accuracy'][0]:.3f}")
 
 
-def collect(rows, budget: Budget, interval_percents, done: dict, refused: dict, log) -> tuple[dict, list]:
+def collect(rows, budget: Budget, interval_percents, done: dict, log) -> tuple[dict, list]:
     """Per-seed scores (done[(row, g, seed)]) -> the unguided point and one entry per row."""
     unguided = point([done[(UNGUIDED, 1.0, s)] for s in budget.seeds], 1.0)
     log(_point_line(UNGUIDED, unguided))
     entries = []
     for row in rows:
-        reason = unsupported_reason(row, interval_percents)
-        reason = reason or (f"apply_self_npo refused it: {refused[row.name]}" if row.name in refused else None)
-        entry = {"name": row.name, "negative": row.negative, "options": row.kwargs(interval_percents),
-                 "skipped": reason, "points": []}
+        entry = {"name": row.name, "negative": row.negative, "options": row.kwargs(interval_percents), "points": []}
         entries.append(entry)
-        if reason:
-            log(f"  {row.name}: skipped ({reason})")
-            continue
         for g in budget.guidance_scales:
             entry["points"].append(point([done[(row.name, g, s)] for s in budget.seeds], g))
             log(_point_line(row.name, entry["points"][-1]))
@@ -247,24 +225,20 @@ def run(budget: Budget, work_dir: Path, rows=ROWS, log=print, workers: int = 2, 
     setup, timings, start = pipeline.Setup(str(work_dir), asdict(budget)), {}, time.perf_counter()
     digits, reference, references, base_losses = prepare(setup, budget, timings, log, reuse_base)
     interval = interval_percents()
-    runnable = [r for r in rows if not unsupported_reason(r, interval)]
-    needed = [n for n in pipeline.NEGATIVES if any(r.negative == n for r in runnable)]
-    losses, done, refused, samples = {"base": base_losses}, {}, {}, {}
+    needed = [n for n in pipeline.NEGATIVES if any(r.negative == n for r in rows)]
+    losses, done, samples = {"base": base_losses}, {}, {}
     with JobRunner(setup, workers, timings) as runner:
         with stage(timings, "negative models", log):
             for name, curve in runner.map(pipeline.train_negative_job, needed, "negative models"):
                 losses[name] = curve
                 log(f"  {name}: {len(curve)} steps, final loss {curve[-1]:.4g}")
         with stage(timings, "sampling and metrics", log):
-            jobs = sample_jobs(runnable, budget, interval)
-            for job, images, refusal in runner.map(pipeline.sample_job, jobs, "sampling and metrics"):
-                if refusal is not None:
-                    refused[job.row] = refusal
-                    continue
+            jobs = sample_jobs(rows, budget, interval)
+            for job, images in runner.map(pipeline.sample_job, jobs, "sampling and metrics"):
                 done[(job.row, job.g, job.seed)] = reference.score(images, digits.sample_labels)
                 if job.seed == budget.seeds[0]:
                     samples[(job.row, job.g)] = images
-            unguided, entries = collect(rows, budget, interval, done, refused, log)
+            unguided, entries = collect(rows, budget, interval, done, log)
     timings["total"] = round(time.perf_counter() - start, 1)
     timings["cpu"]["total"] = round(sum(timings["cpu"].values()), 1)
     samples[(REAL, 1.0)] = digits.test_images[digits.test_labels.argsort(stable=True)]
@@ -311,8 +285,6 @@ def table(results: dict) -> str:
         lines.append(line(name, {"g": float("nan"), **{m: [r[m], 0.0] for m in METRICS}}))
     lines.append(line(UNGUIDED, results["unguided"]))
     for row in results["rows"]:
-        if row["skipped"]:
-            lines.append(f"{row['name']:50}    skipped: {row['skipped']}")
         for p in row["points"]:
             lines.append(line(row["name"], p))
     t = results["timings_s"]
@@ -325,13 +297,12 @@ def table(results: dict) -> str:
 
 
 def best_points(results: dict) -> list[dict]:
-    """Per scored row, the point of its curve (g = 1 included) with the lowest mean FD: how good
-    each method gets when g is tuned for it, the fair comparison between methods whose useful g differ."""
+    """Per row, the point of its curve (g = 1 included) with the lowest mean FD: how good each
+    method gets when g is tuned for it, the fair comparison between methods whose useful g differ."""
     out = []
     for row in results["rows"]:
-        if row["points"]:
-            best = min([results["unguided"]] + row["points"], key=lambda p: p["fd"][0])
-            out.append({"name": row["name"], **{k: v for k, v in best.items() if k != "per_seed"}})
+        best = min([results["unguided"]] + row["points"], key=lambda p: p["fd"][0])
+        out.append({"name": row["name"], **{k: v for k, v in best.items() if k != "per_seed"}})
     return out
 
 
@@ -409,7 +380,7 @@ def write_outputs(results: dict, samples: dict, out: Path) -> dict[str, Path]:
     per_class = results["budget"]["per_class"]
     keep = [c * per_class + i for c in range(10) for i in range(min(2, per_class))]  # 2 of each class
     strips = [(REAL, samples[(REAL, 1.0)]), (UNGUIDED, samples[(UNGUIDED, 1.0)])]
-    strips += [(f"{r['name']}, g = {g:g}", samples[(r["name"], g)]) for r in results["rows"] if r["points"]]
+    strips += [(f"{r['name']}, g = {g:g}", samples[(r["name"], g)]) for r in results["rows"]]
     quality_plot.sample_figure([(label, image_grid(images[keep], len(keep))) for label, images in strips]).save(
         paths["samples"])
     return paths

@@ -233,6 +233,7 @@ def finetune_control() -> list[float]:
     caption), saved in the same offset format and used as the negative model the same way."""
     import safetensors.torch
     from comfy_selfnpo.digits import model as dm
+    from comfy_selfnpo.training.export import offset_state_dict
 
     b, d = WORKER["budget"], digits()
     model, _clip, conds = base()
@@ -242,23 +243,13 @@ def finetune_control() -> list[float]:
                                    uncond_probability=0.0, warmup_steps=0, ema_decay=0.0, seed=b.data_seed)
     losses = dm.train_denoiser(copy, dm.images_to_latents(d.train_images), conds.for_labels(d.train_labels),
                                conds.uncond, settings)
-    offset = weight_offset(model.model.diffusion_model.state_dict(), copy.model.diffusion_model.state_dict())
+    base_state = model.model.diffusion_model.state_dict()
+    offset = offset_state_dict({k: (v.float() - base_state[k].float()).contiguous()
+                                for k, v in copy.model.diffusion_model.state_dict().items()})
     path = WORKER["setup"].negative_file("finetune_control")
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(offset, str(path))
     return losses
-
-
-def weight_offset(base_state: dict, trained_state: dict) -> dict:
-    """trained − base in ComfyUI's weight-offset layout (LoraSave full_diff; what the TDFT trainer
-    exports as "offset"): diffusion_model.<layer>.diff / .diff_b."""
-    out = {}
-    for key, value in trained_state.items():
-        delta = (value.float() - base_state[key].float()).contiguous()
-        layer, _, param = key.rpartition(".")
-        suffix = {"weight": "diff", "bias": "diff_b"}[param]  # the UNet holds nothing else
-        out[f"diffusion_model.{layer}.{suffix}"] = delta
-    return out
 
 
 NEGATIVES = {
@@ -308,11 +299,6 @@ def sample_digits(model, g: float, seed: int):
 
 
 def sample_job(job: SampleJob):
-    """-> (job, images or None, refusal message or None, CPU seconds). A ValueError or TypeError
-    from apply_self_npo (a mode this version does not know) is a refusal, not a crash."""
+    """-> (job, images, CPU seconds)."""
     start = time.process_time()
-    try:
-        model = guided_model(job.negative, job.options)
-    except (ValueError, TypeError) as e:
-        return job, None, str(e), time.process_time() - start
-    return job, sample_digits(model, job.g, job.seed), None, time.process_time() - start
+    return job, sample_digits(guided_model(job.negative, job.options), job.g, job.seed), time.process_time() - start

@@ -97,7 +97,7 @@ def _curves(results):
     """[(name, color, dashed, points)] with the shared unguided point (g = 1) first on each curve."""
     start = dict(results["unguided"], g=1.0)
     out = []
-    for i, row in enumerate(r for r in results["rows"] if r["points"]):
+    for i, row in enumerate(results["rows"]):
         interval = "start_percent" in row["options"]
         out.append((row["name"], PALETTE[i % len(PALETTE)], interval, [start] + row["points"]))
     return out
@@ -110,8 +110,7 @@ def _limits(values):
 def frontier_figure(results: dict) -> Image.Image:
     curves = _curves(results)
     panel_w, panel_h, margin = 460, 400, 70
-    skipped = [r["name"] for r in results["rows"] if r["skipped"]]
-    legend_h = 22 * (len(curves) + 3 + (len(skipped) + 2) // 3)
+    legend_h = 22 * (len(curves) + 3)
     image = Image.new("RGB", (3 * panel_w + margin, panel_h + 2 * margin + legend_h), WHITE)
     draw = ImageDraw.Draw(image)
     points = [p for _, _, _, ps in curves for p in ps]
@@ -146,14 +145,9 @@ def frontier_figure(results: dict) -> Image.Image:
                   fill=BLACK, font=font(13))
         y += 22
     budget = results["budget"]
-    notes = [f"every curve starts at g = 1 (no guidance); the cfg points are labelled with g.  Error bars: "
-             f"standard error over {len(budget['seeds'])} seed(s) x {10 * budget['per_class']} samples."]
-    if skipped:  # modes this version of the pack does not offer
-        notes.append("not available in this version: " + skipped[0])
-        notes += ["    " + ", ".join(skipped[i:i + 3]) for i in range(1, len(skipped), 3)]
-    for note in notes:
-        draw.text((margin + 20, y + 6), note, fill=(80, 80, 80), font=font(12))
-        y += 20
+    note = (f"every curve starts at g = 1 (no guidance); the cfg points are labelled with g.  Error bars: "
+            f"standard error over {len(budget['seeds'])} seed(s) x {10 * budget['per_class']} samples.")
+    draw.text((margin + 20, y + 6), note, fill=(80, 80, 80), font=font(12))
     return image
 
 

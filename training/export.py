@@ -25,7 +25,12 @@ def _lora(trained, base_model) -> dict:
 
 
 def _offset(trained, base_model) -> dict:
-    deltas = trained.weight_deltas()
+    return offset_state_dict(trained.weight_deltas())
+
+
+def offset_state_dict(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Diffusion-model key -> change, as the offset format's keys (module docstring); unchanged
+    tensors are left out."""
     out = {}
     for key, delta in deltas.items():
         if not torch.count_nonzero(delta):
