@@ -1,4 +1,5 @@
-"""Tiny but real ComfyUI models: the test suite's fixtures and the `--demo` run's built-in model.
+"""Tiny but real ComfyUI models: the test suite's fixtures, and the architecture of the digits model
+that the quality benchmark trains and `--demo` uses (digits/model.py).
 
 Everything is built from ComfyUI's own classes (`comfy.supported_models`, `comfy.model_base`,
 `comfy.sd.CLIP`, `comfy.sd.VAE`) at toy width, so sampling, LoRA loading, checkpoint and model-file

@@ -1,7 +1,7 @@
 """Preview images: the same prompt and seed sampled with plain CFG and with Self-NPO CFG.
 
-Used by the training node (progress-bar previews), the CLI (`previews/step_*.png`) and `--demo`
-(its side-by-side grid). Sampling goes through ComfyUI's own CFGGuider / SelfNPOGuider and samplers,
+Used by the training node (progress-bar previews) and the CLI (`previews/step_*.png`; the `--demo`
+grid is digits/demo.py's). Sampling goes through ComfyUI's own CFGGuider / SelfNPOGuider and samplers,
 so what the preview shows is what the guider nodes will produce.
 """
 from __future__ import annotations
