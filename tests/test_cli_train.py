@@ -180,6 +180,8 @@ def test_cli_demo_shortened_trains_the_digits_model_and_writes_a_measured_grid(t
     assert 0 < cfg["fd"] < 60 and 0 < npo["fd"] < 60  # uniform noise scores FD > 400 (bench/quality.py)
     assert cfg != npo  # the grid's right column really ran the negative model
     assert f"CFG: FD {cfg['fd']:.1f}, {100 * cfg['accuracy']:.0f}% right digit" in proc.stderr
+    # and what a user is told to look for: a slight difference, a flat and noisy loss by nature
+    assert "most digits look alike" in proc.stderr and "flat and noisy by nature" in proc.stderr
     from comfy_selfnpo.training.run_files import grid_cell_box
 
     grid = Image.open(grid_path).convert("RGB")

@@ -508,6 +508,18 @@ def _finish_demo(loaded, trainer, paths, preview, result) -> None:
     _say(f"demo grid (CFG vs NPO-CFG at cfg {cfg:g}, same seeds): {grid}")
     _say(" | ".join(column_label(column, s) for column, s in scores.items())
          + " (FD: distance to real digits in a classifier's features, lower is better)")
+    for line in DEMO_READING:
+        _say(line)
+
+
+# What a user sees after the demo, and why (docs/what_to_expect.md, "Reading the demo and a run").
+DEMO_READING = (
+    "what to look for: the two halves of the grid start from the same noise, so most digits look alike "
+    "and NPO-CFG changes a few strokes; the measured FD and accuracy above say which side is better.",
+    "the loss curve (loss.png) is flat and noisy by nature: every step draws new noise levels, and "
+    "the target is the model's own corrupted prediction, so the loss does not fall towards zero; judge "
+    "a run by its previews, not its loss.",
+)
 
 
 def _run_paths(args, config):
