@@ -101,3 +101,28 @@ def test_the_cli_trains_on_what_is_usable_and_refuses_a_folder_with_nothing_usab
         (folder / name).unlink()
     code, err = run(capsys, *common, "--data", folder, "--output", tmp_path / "out2")
     assert code == 3 and "no usable training image or clip" in err and "3 image/clip file(s), none readable" in err
+
+
+def test_a_video_model_trains_a_static_gif_as_a_one_frame_clip_and_names_it_beside_longer_clips(tmp_path):
+    """frames = 1: the still and the clip's first frame share a batch; frames = 5: a still cannot share
+    a batch with 5-frame clips, and the refusal names it."""
+    from comfy_selfnpo import tiny_models
+    from comfy_selfnpo.training import DataError, TDFTTrainer, make_config
+    from comfy_selfnpo.training.data import ImageCaptionFolder
+
+    root = tmp_path / "clips"
+    root.mkdir()
+    write_clip(root / "good.mp4", frames=12)
+    Image.new("RGB", (48, 40), RED).save(root / "still.gif")
+    for name in ("good", "still"):
+        (root / f"{name}.txt").write_text(f"a photo of {name}")
+    ckpt = tiny_models.build_checkpoint("wan21", seed=0)
+    settings = dict(mode="lora", resolution=64, batch_size=2, grid_size=10, truncation_steps=3, steps=1,
+                    lora_rank=4, lora_alpha=4.0, mixed_precision="no", fps=8.0)
+    trainer = TDFTTrainer(ckpt.model, ckpt.clip, ckpt.vae, ImageCaptionFolder(root, 64),
+                          make_config("lora-8gb", frames=1, **settings), tmp_path / "one")
+    assert trainer.encoded.latents.shape[0] == 2 and trainer.encoded.latents.shape[2] == 1  # two 1-frame latents
+    assert np.isfinite(trainer.train().losses).all()
+    with pytest.raises(DataError, match=r"mixes images or one-frame clips \(still.gif, \.\.\.\) and clips \(5 frames"):
+        TDFTTrainer(ckpt.model, ckpt.clip, ckpt.vae, ImageCaptionFolder(root, 64),
+                    make_config("lora-8gb", frames=5, **settings), tmp_path / "five")
