@@ -122,3 +122,33 @@ def test_a_dist_timeout_that_is_not_a_positive_number_is_refused(tmp_path, capsy
                     "--config", toml, "--output", tmp_path / "out")
     assert code == 2 and "--dist-timeout must be a positive number of seconds" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _raised(outer: BaseException, cause: BaseException) -> BaseException:
+    try:
+        try:
+            raise cause
+        except BaseException as e:
+            raise outer from e
+    except BaseException as e:
+        return e
+
+
+def test_what_torch_distributed_raises_for_a_lost_peer_is_a_lost_process(monkeypatch):
+    """The kinds torch.distributed raises and the words gloo/NCCL/the store use, in any case, also as
+    the cause of another error; under torchrun only (a single process has no peer to lose)."""
+    import torch.distributed as dist
+
+    from comfy_selfnpo.training import cli
+
+    lost = [dist.DistBackendError("NCCL error"), dist.DistNetworkError("Connection reset by peer"),
+            dist.DistStoreError("wait timeout"), RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 20000ms"),
+            RuntimeError("Connection closed by peer [127.0.0.1]:29500"), ConnectionResetError("Broken pipe"),
+            _raised(ValueError("while averaging the loss"), RuntimeError("TIMED OUT"))]
+    not_lost = [RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("timed out"),
+                _raised(KeyError("x"), RuntimeError("expected a tensor"))]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert [cli._is_lost_process(e) for e in lost] == [True] * len(lost)
+    assert [cli._is_lost_process(e) for e in not_lost] == [False] * len(not_lost)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not any(cli._is_lost_process(e) for e in lost)

@@ -545,7 +545,9 @@ def _is_lost_process(e: BaseException) -> bool:
     kinds = tuple(k for k in (getattr(dist, name, None) for name in
                               ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError"))
                   if isinstance(k, type))
-    while e is not None:  # the collective's error may be the cause of the one raised
+    seen = set()
+    while e is not None and id(e) not in seen:  # the collective's error may be the cause of the one raised
+        seen.add(id(e))
         text = str(e).lower()
         if isinstance(e, kinds) or (isinstance(e, (RuntimeError, ConnectionError, TimeoutError))
                                     and any(sign in text for sign in LOST_PROCESS_SIGNS)):
