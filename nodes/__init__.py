@@ -33,8 +33,10 @@ def load_node_classes() -> list[type[io.ComfyNode]]:
 class SelfNPOExtension(ComfyExtension):
     async def on_load(self) -> None:
         from ..model_folders import register_self_npo_folder
+        from ..template_thumbnails import serve_template_thumbnails
 
         register_self_npo_folder()
+        serve_template_thumbnails()  # newer cores serve only the templates' .json files
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return load_node_classes()

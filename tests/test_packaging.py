@@ -24,7 +24,8 @@ NOT_RUNTIME = {"tests", "bench", "scripts"}
 # pack itself, ComfyUI's own modules and the runtime dependencies of pyproject.toml:
 # * packages ComfyUI itself requires (import name -> distribution; checked against the pinned
 #   ComfyUI's requirements.txt below), so every ComfyUI install has them;
-FROM_COMFYUI = {"numpy": "numpy", "PIL": "Pillow", "av": "av"}  # av: video clips as training data
+FROM_COMFYUI = {"numpy": "numpy", "PIL": "Pillow", "av": "av",  # av: video clips as training data
+                "aiohttp": "aiohttp"}  # aiohttp: the template-thumbnail route, inside the server only
 # * optional packages, imported only inside `try/except` with a fallback (checked below).
 OPTIONAL = {
     "bitsandbytes": "the `train` extra: 8-bit AdamW; training falls back to AdamW without it",

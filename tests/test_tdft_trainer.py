@@ -453,6 +453,8 @@ class _CastTimePatcher(__import__("comfy.model_patcher").model_patcher.ModelPatc
         pass  # never merged into the module
 
     def clone(self, *args, disable_dynamic=False, **kwargs):
+        if disable_dynamic and self.rebuild == "no loader init":  # v0.38, a custom loader that registered none
+            raise RuntimeError("Cannot create non-dynamic delegate: cached_patcher_init is not initialized.")
         if disable_dynamic and self.rebuild is None:
             raise TypeError("clone() got an unexpected keyword argument 'disable_dynamic'")
         n = super().clone(*args, **kwargs)
@@ -465,7 +467,7 @@ class _CastTimePatcher(__import__("comfy.model_patcher").model_patcher.ModelPatc
         return n
 
 
-@pytest.mark.parametrize("offers_clone", [False, True])
+@pytest.mark.parametrize("offers_clone", [False, "no loader init", True])
 def test_full_training_starts_from_the_models_loras_when_they_stay_out_of_the_weights(tiny, images, tmp_path,
                                                                                      offers_clone):
     import comfy.lora
@@ -477,12 +479,14 @@ def test_full_training_starts_from_the_models_loras_when_they_stay_out_of_the_we
     shape = ckpt.model.model.state_dict()[key].shape
     lora = {"x.lora_up.weight": torch.full((shape[0], 2), 0.3), "x.lora_down.weight": torch.full((2, shape[1]), 0.2)}
     user = _CastTimePatcher(ckpt.model.model, ckpt.model.load_device, ckpt.model.offload_device)
-    if offers_clone:
+    if offers_clone == "no loader init":
+        user.rebuild = offers_clone
+    elif offers_clone:
         user.rebuild = lambda: tiny.build_model("sd15", seed=1)
     user.add_patches(comfy.lora.load_lora(lora, {"x": key}), 1.0)  # the user's LoRA on the MODEL
     trainer = _trainer(SimpleNamespace(model=user, clip=ckpt.clip, vae=ckpt.vae), images, tmp_path,
                        mode="full", teacher="ema", learning_rate=0.0)
-    assert getattr(trainer.base_patcher, "non_dynamic_clone_of", None) is (user if offers_clone else None)
+    assert getattr(trainer.base_patcher, "non_dynamic_clone_of", None) is (user if offers_clone is True else None)
     expected = effective_weight(user, key)
     assert (expected - ckpt.model.model.state_dict()[key]).abs().max() > 0.1  # the LoRA is not in the module
     inner = key[len("diffusion_model."):]

@@ -28,7 +28,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_WRIT
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 EXIT_CODES = {
     EXIT_OK: "success", EXIT_ERROR: "unexpected error (a bug: please report it with the traceback)",
-    EXIT_USAGE: "bad arguments or config", EXIT_INPUT: "unusable input (model file, data, resume mismatch)",
+    EXIT_USAGE: "bad arguments or config (also: the processes of a torchrun job were started with different "
+                "models, data or settings)", EXIT_INPUT: "unusable input (model file, data, resume mismatch)",
     EXIT_NONFINITE: "the loss became NaN/inf", EXIT_OOM: "out of memory",
     EXIT_WRITE: "output not writable / disk full",
     EXIT_LOST: "another process of a torchrun job was lost (it died, or the network failed)",
@@ -211,6 +212,10 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    timeout = args.dist_timeout
+    if timeout is not None and not (0 < timeout < float("inf")):  # NaN fails too
+        raise UsageError(f"--dist-timeout must be a positive number of seconds, got {timeout:g} "
+                         "(leave it out for torch's default of 30 minutes)")
 
 
 # ------------------------------------------------------------------ signals and progress
@@ -534,14 +539,33 @@ def _run_paths(args, config):
     return RunPaths(run_dir=output, weights=output / f"{name}.safetensors")
 
 
+# What gloo, NCCL and torch's store say (in any case) when a peer is gone or stopped answering.
+LOST_PROCESS_SIGNS = ("connection closed by peer", "connection reset by peer", "connection refused", "broken pipe",
+                      "timed out", "timeout", "socket closed", "nccl communicator was aborted")
+
+
 def _is_lost_process(e: BaseException) -> bool:
-    """A collective failed because another process of the job is gone (gloo/NCCL/store errors)."""
+    """A collective failed because another process of the job is gone or hangs (gloo/NCCL/store errors:
+    torch's DistError kinds, or a RuntimeError such as gloo's "Timed out waiting 20000ms for recv").
+    Only under torchrun: a single process has no other process to lose."""
     import torch.distributed as dist
 
-    return isinstance(e, getattr(dist, "DistError", ())) or (
-        isinstance(e, RuntimeError) and any(text in str(e) for text in ("Connection closed by peer",
-                                                                        "Connection reset by peer",
-                                                                        "Broken pipe", "timed out")))
+    from .distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return False
+    kinds = tuple(k for k in (getattr(dist, name, None) for name in
+                              ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError"))
+                  if isinstance(k, type))
+    seen = set()
+    while e is not None and id(e) not in seen:  # the collective's error may be the cause of the one raised
+        seen.add(id(e))
+        text = str(e).lower()
+        if isinstance(e, kinds) or (isinstance(e, (RuntimeError, ConnectionError, TimeoutError))
+                                    and any(sign in text for sign in LOST_PROCESS_SIGNS)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _exit_code(e: BaseException, stop) -> int:
@@ -549,7 +573,8 @@ def _exit_code(e: BaseException, stop) -> int:
     unexpected is re-raised (main prints the traceback, exit 1)."""
     import torch
 
-    from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError, out_of_memory
+    from .errors import (NonFiniteLoss, OutOfMemory, ProcessesDisagree, TrainingCancelled, TrainingError,
+                         out_of_memory)
     from .session import OutputError, describe_os_error
 
     if isinstance(e, TrainingCancelled):
@@ -561,18 +586,19 @@ def _exit_code(e: BaseException, stop) -> int:
     if isinstance(e, (OutOfMemory, torch.OutOfMemoryError)):  # a bare torch error: while loading
         _say(str(e if isinstance(e, OutOfMemory) else out_of_memory(e, 0)))
         return EXIT_OOM
-    for kind, code in ((NonFiniteLoss, EXIT_NONFINITE), (OutputError, EXIT_WRITE), (TrainingError, EXIT_INPUT)):
+    for kind, code in ((NonFiniteLoss, EXIT_NONFINITE), (OutputError, EXIT_WRITE), (ProcessesDisagree, EXIT_USAGE),
+                       (TrainingError, EXIT_INPUT)):
         if isinstance(e, kind):  # TrainingError: ModelLoadError, UnsupportedModel, DataError, ResumeMismatch, ...
             _say(f"error: {e}")
             return code
-    if isinstance(e, OSError):  # e.g. a log file could not be written
-        _say(f"error: {describe_os_error(e, 'the run files')}")
-        return EXIT_WRITE
     if _is_lost_process(e):
         _say(f"error: lost contact with another process of this torchrun job ({str(e).splitlines()[0]}); "
              "every process stops. The last checkpoint is kept: fix the failed process or machine and rerun "
              "with --resume.")
         return EXIT_LOST
+    if isinstance(e, OSError):  # e.g. a log file could not be written
+        _say(f"error: {describe_os_error(e, 'the run files')}")
+        return EXIT_WRITE
     raise e
 
 

@@ -36,10 +36,11 @@ class ImageItem:
     path: Path
     caption: str
     repeats: int = 1
+    still: bool = False  # a clip file with a single frame (a static GIF): trains as an image
 
     @property
     def is_clip(self) -> bool:
-        return self.path.suffix.lower() in CLIP_EXTENSIONS
+        return self.path.suffix.lower() in CLIP_EXTENSIONS and not self.still
 
 
 def read_text_file(path, what: str) -> str:
@@ -144,7 +145,7 @@ class ImageCaptionFolder:
         candidates = find_images(self.folder, recursive)
         items, skipped, uncaptioned = [], [], []
         for path in candidates:
-            problem = _unreadable(path)
+            problem, frames = _unreadable(path)
             if problem:
                 skipped.append(f"{path.name} ({problem})")
                 continue
@@ -152,13 +153,13 @@ class ImageCaptionFolder:
             caption = read_text_file(caption_path, "caption file").strip() if caption_path.is_file() else None
             if caption is None:
                 uncaptioned.append(path.name)
-            items.append(ImageItem(path, caption or "", _repeats_of(path, self.folder)))
-        _warn_list(warn, skipped, f"skipped {len(skipped)} unreadable image(s) in {self.folder}: ")
+            items.append(ImageItem(path, caption or "", _repeats_of(path, self.folder), still=frames == 1))
+        _warn_list(warn, skipped, f"skipped {len(skipped)} unreadable image(s)/clip(s) in {self.folder}: ")
         _warn_list(warn, uncaptioned, f"{len(uncaptioned)} image(s) in {self.folder} have no {caption_extension} "
                    "caption and train with an empty caption: ")
         if not items:
-            found = f"{len(candidates)} image file(s), none readable" if candidates else "no image files"
-            raise DataError(f"no usable training image in {str(self.folder)!r} ({found}); supported "
+            found = f"{len(candidates)} image/clip file(s), none readable" if candidates else "no image files"
+            raise DataError(f"no usable training image or clip in {str(self.folder)!r} ({found}); supported "
                             f"extensions: {', '.join(MEDIA_EXTENSIONS)}")
         self.items: list[ImageItem] = items
         self._fingerprint = None
@@ -183,6 +184,8 @@ class ImageCaptionFolder:
         from PIL import Image
 
         item = self.items[index]
+        if item.path.suffix.lower() in CLIP_EXTENSIONS:  # a still clip (one frame, e.g. a static GIF)
+            return read_clip(item.path, 1, 1.0, self.resolution)[0]
         try:
             with Image.open(item.path) as im:
                 return center_crop_resize(im, self.resolution)
@@ -243,29 +246,55 @@ def read_clip(path: Path, frames: int, fps: float, resolution: int) -> torch.Ten
     return torch.stack([center_crop_resize(image, resolution) for image in picked])
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why an image or clip file cannot be used, or None. Decodes the pixels now: verify() passes
-    files whose data is truncated, and one found at encoding time would stop the whole run instead."""
+def _unreadable(path: Path) -> tuple[str | None, int]:
+    """(why an image or clip file cannot be used or None, its frame count: 1 for an image). Decodes the
+    pixels now: verify() passes files whose data is truncated, and one found at encoding time would
+    stop the whole run instead."""
     from PIL import Image
 
     if path.suffix.lower() in CLIP_EXTENSIONS:
-        return _unreadable_clip(path)
+        return _scan_clip(path)
     try:
         with Image.open(path) as im:
             to_rgb(im).load()
     except Exception as e:  # PIL raises many kinds for broken files
-        return f"{type(e).__name__}: {e}"
-    return None
+        return f"{type(e).__name__}: {e}", 0
+    return None, 1
 
 
-def _unreadable_clip(path: Path) -> str | None:
+def _scan_clip(path: Path) -> tuple[str | None, int]:
+    """Decode every frame of a clip once (without converting pixels): a clip that breaks after its first
+    frames, or that holds far fewer frames than its header declares (cut short), is unusable, found
+    now rather than in the middle of encoding. One frame (a static GIF): a still image."""
     import av
 
+    times = []
     try:
         with av.open(str(path)) as container:
-            next(container.decode(video=0))
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
+            if not container.streams.video:
+                return "no video stream (an audio-only file?)", 0
+            stream = container.streams.video[0]
+            declared, rate = _declared_seconds(container, stream), float(stream.average_rate or 0) or 16.0
+            for frame in container.decode(stream):
+                times.append(float(frame.time) if frame.time is not None else len(times) / rate)
+    except Exception as e:  # PyAV raises many kinds for broken files
+        where = f"after frame {len(times)}" if times else "at its first frame"
+        return f"decoding fails {where}: {type(e).__name__}: {e}", len(times)
+    if not times:
+        return "no frame decodes", 0
+    covered = times[-1] - times[0] + 1.0 / rate
+    if declared and covered < declared / 2 and declared - covered > 0.5:
+        return (f"cut short: only {len(times)} frame(s), {covered:.2f} s, decode of the {declared:.2f} s its header "
+                "declares"), len(times)
+    return None, len(times)
+
+
+def _declared_seconds(container, stream) -> float | None:
+    """The video's duration as the file's header states it (None when it does not)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None and len(container.streams) == 1:  # no audio track to be longer
+        return container.duration / 1_000_000
     return None
 
 

@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from .errors import ProcessesDisagree
+
 
 class LocalWorld:
     """One process: every collective is the identity."""
@@ -62,6 +64,10 @@ class LocalWorld:
 
     def barrier(self) -> None:
         pass
+
+    def check_same_job(self, facts) -> None:
+        """Every process runs the same job: `facts()` (what defines the job: name -> value) must be
+        equal on every process, else ProcessesDisagree on every process. One process: nothing to do."""
 
     def close(self) -> None:
         pass
@@ -138,6 +144,18 @@ class ProcessGroupWorld(LocalWorld):
 
         dist.barrier()
 
+    def check_same_job(self, facts) -> None:
+        import torch.distributed as dist
+
+        everyone = [None] * self.size
+        dist.all_gather_object(everyone, facts())
+        differences = job_differences(everyone)
+        if differences:  # every process sees the same list and refuses with the same message
+            raise ProcessesDisagree(
+                "the processes of this torchrun job were not started for the same job: "
+                + "; ".join(differences) + ". Start every process (on every machine) with the same model "
+                "files, data and settings; nothing was trained")
+
     def close(self) -> None:
         import torch.distributed as dist
 
@@ -146,6 +164,16 @@ class ProcessGroupWorld(LocalWorld):
 
     def describe(self) -> str:
         return f"process {self.rank} of {self.size} (local rank {self.local_rank})"
+
+
+def job_differences(everyone: list[dict]) -> list[str]:
+    """What each process's facts have that process 0's do not, naming both values."""
+    first, out = everyone[0], []
+    for rank, facts in enumerate(everyone[1:], start=1):
+        for name in list(first) + [name for name in facts if name not in first]:
+            if first.get(name) != facts.get(name):
+                out.append(f"{name}: process 0 has {first.get(name)!r}, process {rank} has {facts.get(name)!r}")
+    return out
 
 
 def launched_by_torchrun() -> bool:

@@ -59,8 +59,10 @@ def _encode_media(data, base_model, vae, geometry, fps: float, cache_dir: Path, 
         raise DataError("training on images needs the VAE of the checkpoint to encode them")
     frames = geometry.frames if geometry.time_axis else 1  # image models: a clip's first frame
     if frames > 1 and data.has_clips and not all(item.is_clip for item in data.items):
-        raise DataError(f"{str(data.folder)!r} mixes images (one-frame clips) and clips ({frames} frames): their "
-                        "latents cannot share a batch; train them in separate runs, or set frames = 1")
+        stills = [item.path.name for item in data.items if not item.is_clip]
+        named = ", ".join(stills[:5]) + (", ..." if len(stills) > 5 else "")
+        raise DataError(f"{str(data.folder)!r} mixes images or one-frame clips ({named}) and clips ({frames} "
+                        "frames): their latents cannot share a batch; train them in separate runs, or set frames = 1")
     path = _latent_cache_path(data, base_model, vae, (frames, fps), cache_dir)
     cached = _read_cache(path, len(data), log)
     if cached is not None:

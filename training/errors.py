@@ -19,6 +19,10 @@ class ResumeMismatch(TrainingError):
     """A checkpoint belongs to another base model or was trained with other hyper-parameters."""
 
 
+class ProcessesDisagree(TrainingError):
+    """The processes of one torchrun job were started with different models, data or settings."""
+
+
 class UnsupportedModel(TrainingError):
     """The model kind cannot be trained with TDFT (e.g. no discrete or flow noise schedule)."""
 

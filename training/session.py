@@ -143,6 +143,7 @@ class TrainingSession:
         from .trainer import TDFTTrainer
 
         opts, paths = self.options, self.paths
+        self.world.check_same_job(self._job_facts)  # before anything that would wait for a differing peer
         exists = self.world.from_main(self._claim_output)  # the main process's files decide for all
         if opts.require_resume and not exists:
             raise TrainingError(f"--resume: there is no checkpoint to resume from at {str(paths.checkpoint)!r}")
@@ -160,6 +161,15 @@ class TrainingSession:
             self.rows = run_files.read_loss_csv(paths.loss_csv, up_to_step=self.trainer.step)
             log.info("resuming %s at step %d of %d", paths.run_dir, self.trainer.step, self.config.steps)
         return self.trainer
+
+    def _job_facts(self) -> dict:
+        """What every process of a torchrun job must share: the base model, the data, the settings."""
+        from .identity import model_identity
+
+        return {"base model (weights hash)": model_identity(self.model),
+                "data (content fingerprint)": f"{type(self.data).__name__} {self.data.fingerprint()}",
+                **self.config.to_dict(), "resume": self.options.resume,
+                "allow_data_change": self.options.allow_data_change}
 
     def _claim_output(self) -> bool:
         """Lock the run folder and check the outputs can be written; returns whether it holds a checkpoint."""

@@ -102,6 +102,13 @@ def training_patcher(model, log):
     except TypeError:  # a core without the option: train the dynamic model itself
         log("the MODEL uses dynamic VRAM and this ComfyUI offers no non-dynamic clone; training it as it is")
         return model
+    except RuntimeError as e:
+        # v0.38: "Cannot create non-dynamic delegate: cached_patcher_init is not initialized." -- the
+        # loader (a custom one) registered no way to reload the model non-dynamically
+        if "cached_patcher_init" not in str(e):
+            raise
+        log("the MODEL uses dynamic VRAM and its loader cannot give a non-dynamic copy; training it as it is")
+        return model
     log("the MODEL uses dynamic VRAM: training a non-dynamic clone of it")
     return clone
 
