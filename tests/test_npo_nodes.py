@@ -13,6 +13,7 @@ import npo_files
 from comfy_selfnpo.nodes.negative_model import list_npo_files, resolve_npo_choice
 from comfy_exec import run_prompt
 from comfy_selfnpo.npo.guidance import apply_self_npo
+from comfy_selfnpo.npo import weights
 from comfy_selfnpo.npo.weights import load_npo_file, make_negative_model
 
 
@@ -92,3 +93,52 @@ def test_workflow_with_loader_guider_and_apply_through_comfyui_executor(comfy_re
     assert float((via_ksampler - ref).abs().max() / scale) < 1e-5
     assert float((via_guider - ref).abs().max() / scale) < 1e-4
     assert float((plain - ref).abs().max() / scale) > 1e-2
+
+
+def _whole_model_file(path, trained_from, changes, metadata: bool) -> None:
+    """A whole-model NPO file as the pack's trainer exports it (format unet), with the metadata its
+    exporter writes for the MODEL it trained from."""
+    from comfy_selfnpo.training.config import make_config
+    from comfy_selfnpo.training.export import metadata as export_metadata
+    from comfy_selfnpo.training.identity import model_identity
+
+    tensors = npo_files.full_model_state_dict(trained_from, changes, "bare")
+    meta = export_metadata("unet", trained_from.model, make_config("sd15"), model_identity(trained_from), 10,
+                           "prompts", name="npo", model_name="base_v1.safetensors") if metadata else None
+    safetensors.torch.save_file(tensors, str(path), metadata=meta)
+
+
+def test_a_whole_model_file_reports_the_base_it_is_an_offset_against_and_warns_on_another(comfy_dirs, tiny, caplog):
+    from comfy_selfnpo.nodes.negative_model import SelfNPONegativeModelLoader
+
+    base = tiny.build_model("sd15", seed=3)
+    fine_tuned = tiny.build_model("sd15", seed=4)  # e.g. a DPO model: the same architecture, other weights
+    changes = npo_files.dense_change(base, seed=1)
+    _whole_model_file(comfy_dirs["self_npo"] / "whole.safetensors", base, changes, metadata=True)
+    _whole_model_file(comfy_dirs["self_npo"] / "plain.safetensors", base, changes, metadata=False)
+    load = lambda name, model, base_model=None: SelfNPONegativeModelLoader.execute(
+        model=model, npo_weights=f"self_npo/{name}", strength=1.0, merge_weight=0.0, base_model=base_model).result
+
+    # no base connected on a fine-tuned positive: θ_neg − θ_pos silently carried (θ_base − θ_ft): said and warned
+    with caplog.at_level("WARNING", logger="comfy_selfnpo"):
+        negative, report = load("whole.safetensors", fine_tuned)
+    assert ("whole model taken as an offset against the positive model's checkpoint weights (no base_model "
+            "connected)") in report
+    assert "\nWARNING: the file was trained from base_v1.safetensors (base hash " in report
+    assert "connect the model it was trained from as base_model" in report
+    assert any("whole.safetensors: the file was trained from base_v1.safetensors" in r.message for r in caplog.records)
+    key = "diffusion_model.out.2.weight"
+    torch.testing.assert_close(weights.effective_weight(negative, key) - fine_tuned.model.state_dict()[key],
+                               base.model.state_dict()[key] + changes[key] - fine_tuned.model.state_dict()[key])
+
+    # the base connected: the offset is the trained change, and the file's hash agrees
+    negative, report = load("whole.safetensors", fine_tuned, base)
+    assert "offset against the base_model input's checkpoint weights, the model the file was trained from" in report
+    assert "WARNING" not in report
+    torch.testing.assert_close(weights.effective_weight(negative, key) - fine_tuned.model.state_dict()[key],
+                               changes[key])
+    # on its own base no warning; a file without the pack's metadata says what it was taken against, nothing more
+    assert "WARNING" not in load("whole.safetensors", base)[1]
+    report = load("plain.safetensors", fine_tuned)[1]
+    assert "offset against the positive model's checkpoint weights (no base_model connected)" in report
+    assert "WARNING" not in report
