@@ -142,3 +142,78 @@ def test_a_whole_model_file_reports_the_base_it_is_an_offset_against_and_warns_o
     report = load("plain.safetensors", fine_tuned)[1]
     assert "offset against the positive model's checkpoint weights (no base_model connected)" in report
     assert "WARNING" not in report
+
+
+def test_the_loader_lists_a_folder_with_symlink_loops_once_per_file_and_quickly(comfy_registry, comfy_dirs, tiny):
+    import os
+    import time
+
+    import folder_paths
+
+    model = tiny.build_model("sd15", seed=3)
+    sd = npo_files.kohya_state_dict(npo_files.make_npo_offset(model), model)
+    root = comfy_dirs["self_npo"]
+    (root / "sub").mkdir()
+    npo_files.write(root / "a.safetensors", sd)
+    npo_files.write(root / "sub" / "b.safetensors", sd)
+    os.symlink(root, root / "loop")                 # back to the top: core lists every file dozens of times
+    os.symlink(root, root / "sub" / "loop2")        # a second loop: core walks for minutes
+    os.symlink(root / "sub", root / "sub_again")    # the same folder under two names
+    (root / "notes.txt").write_text("not a model")
+    started = time.monotonic()
+    choices = [c for c in list_npo_files() if c.startswith("self_npo/")]
+    assert time.monotonic() - started < 5.0
+    assert choices == ["self_npo/a.safetensors", os.path.join("self_npo/sub", "b.safetensors")]
+    assert resolve_npo_choice(choices[1]) == str(root / "sub" / "b.safetensors")
+    assert folder_paths.get_full_path("self_npo", "a.safetensors") == str(root / "a.safetensors")
+
+
+def test_an_overwritten_weights_file_is_read_again_instead_of_the_cached_negative_model(comfy_registry, comfy_dirs,
+                                                                                       tiny):
+    import copy
+    import os
+    import uuid
+
+    import execution
+
+    from comfy_exec import ServerStub, validate
+
+    tiny.save_checkpoint(str(comfy_dirs["checkpoints"] / "tiny_sd15.safetensors"), "sd15", seed=3)
+    base = tiny.build_model("sd15", seed=3)
+    path = comfy_dirs["self_npo"] / "npo.safetensors"
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red cube"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "SelfNPONegativeModelLoader",
+              "inputs": {"model": ["1", 0], "npo_weights": "self_npo/npo.safetensors", "strength": 1.0,
+                         "merge_weight": 0.0}},
+        "5": {"class_type": "SelfNPOApply", "inputs": {"model": ["1", 0], "negative_model": ["4", 0],
+                                                       "residency": "auto", "rank": 0}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler",
+              "inputs": {"model": ["5", 0], "seed": 1, "steps": 2, "cfg": 4.0, "sampler_name": "euler",
+                         "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["6", 0],
+                         "denoise": 1.0}},
+        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "run"}},
+    }
+    write = lambda seed: npo_files.write(path, npo_files.kohya_state_dict(npo_files.make_npo_offset(base, seed=seed),
+                                                                           base))
+    write(1)
+    outputs = validate(prompt)[2]
+    executor = execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0})
+    saved = lambda: sorted(comfy_dirs["output"].glob("run_*.latent"))
+
+    def run(seed):
+        write(seed)
+        os.utime(path, ns=(10**18 + seed, 10**18 + seed))  # a new modification time, whatever the clock's resolution
+        executor.execute(copy.deepcopy(prompt), str(uuid.uuid4()), {}, outputs)  # a fresh prompt, as queued
+        assert executor.success
+
+    run(1)
+    run(1)  # the same file again: ComfyUI's cache answers, nothing is written
+    assert len(saved()) == 1
+    run(2)  # overwritten: the loader runs again, and the picture changes
+    first, second = (safetensors.torch.load_file(str(p))["latent_tensor"] for p in saved())
+    assert float((first - second).abs().max() / first.abs().max()) > 1e-2
