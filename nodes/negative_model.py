@@ -65,7 +65,9 @@ class SelfNPONegativeModelLoader(io.ComfyNode):
                                        "θ_neg = θ_pos + η·δ − β·(θ_pos − θ_base). Needs base_model when ≠ 0."),
                 io.Model.Input("base_model", optional=True,
                                tooltip="θ_base: the model the NPO weights were trained from (needed for a "
-                                       "merge weight ≠ 0; whole-model files become an offset against it)."),
+                                       "merge weight ≠ 0; whole-model files become an offset against it, else "
+                                       "against the positive model: the report says which, and warns when the "
+                                       "file names another base)."),
             ],
             outputs=[io.Model.Output(display_name="negative_model",
                                      tooltip="The negative model, for 'Apply Self-NPO' / 'Self-NPO CFG Guider' (not "

@@ -195,7 +195,8 @@ class LaterPatches:
                 "Self-NPO: the model was patched after 'Apply Self-NPO' (" + "; ".join(found) + "). In residency "
                 "separate the negative model is a copy taken when Self-NPO was applied, so its branch would run "
                 "without these changes and the picture would be wrong. Put 'Apply Self-NPO' after your LoRA "
-                "loaders and model patches (connect the model they output), or use residency batched_lowrank.")
+                "loaders and model patches (connect the model they output), or, for a negative model made by 'Self-NPO "
+                "Negative Model', use residency batched_lowrank.")
 
 
 def negative_model_options(model_options: dict, key: str) -> dict:
