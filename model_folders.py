@@ -43,3 +43,33 @@ def self_npo_output_dir() -> str:
     path = folder_paths.get_folder_paths(SELF_NPO_FOLDER)[0]
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def list_model_files(folder: str) -> list[str]:
+    """The files of a ComfyUI model folder (names relative to each of its locations, with the
+    folder's extensions), like `folder_paths.get_filename_list` but safe on symlink loops: core's
+    listing follows links without remembering where it has been, so a link back up the tree lists
+    every file dozens of times and two such links keep it walking for minutes. Each directory is
+    entered once (by its real path), each file listed once (its first name)."""
+    import folder_paths
+
+    paths, extensions = folder_paths.folder_names_and_paths[folder]
+    seen_dirs, seen_files, names = set(), set(), []
+    for root in paths:
+        for dirpath, subdirs, files in os.walk(root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen_dirs:
+                subdirs[:] = []
+                continue
+            seen_dirs.add(real)
+            subdirs[:] = sorted(d for d in subdirs if d != ".git" and os.path.realpath(os.path.join(dirpath, d))
+                                not in seen_dirs)
+            for name in sorted(files):
+                path = os.path.join(dirpath, name)
+                if extensions and os.path.splitext(name)[1].lower() not in extensions:
+                    continue
+                if os.path.realpath(path) in seen_files:
+                    continue
+                seen_files.add(os.path.realpath(path))
+                names.append(os.path.relpath(path, root))
+    return sorted(set(names))

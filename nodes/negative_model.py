@@ -1,9 +1,11 @@
 """'Self-NPO Negative Model': the positive MODEL plus NPO weights, θ_neg = θ_pos + η·δ − β·(θ_pos − θ_base)."""
 from __future__ import annotations
 
+import os
+
 from comfy_api.latest import io
 
-from ..model_folders import SELF_NPO_FOLDER, register_self_npo_folder
+from ..model_folders import SELF_NPO_FOLDER, list_model_files, register_self_npo_folder
 from ..npo.weights import load_npo_file, make_negative_model
 
 # Where the loader looks, in this order. Each choice is shown as "<folder>/<file name>" so it is never
@@ -19,7 +21,7 @@ def list_npo_files() -> list[str]:
     for folder in SOURCE_FOLDERS:
         if folder not in folder_paths.folder_names_and_paths:
             continue
-        choices += [f"{folder}/{name}" for name in folder_paths.get_filename_list(folder)]
+        choices += [f"{folder}/{name}" for name in list_model_files(folder)]
     return choices
 
 
@@ -63,7 +65,9 @@ class SelfNPONegativeModelLoader(io.ComfyNode):
                                        "θ_neg = θ_pos + η·δ − β·(θ_pos − θ_base). Needs base_model when ≠ 0."),
                 io.Model.Input("base_model", optional=True,
                                tooltip="θ_base: the model the NPO weights were trained from (needed for a "
-                                       "merge weight ≠ 0; whole-model files become an offset against it)."),
+                                       "merge weight ≠ 0; whole-model files become an offset against it, else "
+                                       "against the positive model: the report says which, and warns when the "
+                                       "file names another base)."),
             ],
             outputs=[io.Model.Output(display_name="negative_model",
                                      tooltip="The negative model, for 'Apply Self-NPO' / 'Self-NPO CFG Guider' (not "
@@ -72,6 +76,17 @@ class SelfNPONegativeModelLoader(io.ComfyNode):
                                       tooltip="What the file held and what was patched (format, weights, unmatched "
                                               "keys).")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, npo_weights=None, **_inputs):
+        """The chosen file as it is on disk: a file overwritten under the same name is read again,
+        instead of ComfyUI reusing the negative model it cached for that name."""
+        try:
+            path = resolve_npo_choice(npo_weights)
+            stat = os.stat(path)
+        except (ValueError, OSError, TypeError):
+            return npo_weights  # the run reports what is wrong with the choice
+        return f"{os.path.realpath(path)}|{stat.st_mtime_ns}|{stat.st_size}"
 
     @classmethod
     def execute(cls, model, npo_weights, strength, merge_weight, base_model=None) -> io.NodeOutput:

@@ -165,6 +165,10 @@ def _choose_residency(positive, negative, residency: str) -> str:
         return residency
     if not shares:
         return "separate"
+    if model_compiler_active(positive.load_device):
+        log.info("Self-NPO: ComfyUI's model compiler is on, residency auto picks separate (the batched "
+                 "residency's per-step forward hooks change the allocations the compiler records)")
+        return "separate"
     # exact low-rank changes ride along in the batch; anything else gets its own weights
     for key in differing_keys(positive, negative):
         if not key.endswith(".weight") or not exact_lora_change(positive, negative, key):
@@ -193,19 +197,22 @@ def _batched_lowrank(positive, negative, rank):
 _RESIDENCY_FACTORIES = {"separate": _separate, "batched_lowrank": _batched_lowrank}
 
 
-def _clone_without_self_npo(model):
-    """A clone of `model`; applying Self-NPO again replaces the earlier application instead of
-    stacking on it."""
-    patched = model.clone()
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, KEY)
-    for call_type in (_CALLBACKS.ON_PRE_RUN, _CALLBACKS.ON_CLEANUP):
-        patched.remove_callbacks_with_key(call_type, KEY)
-    patched.remove_additional_models(KEY)
-    if get_plan(patched) is not None:
-        patched.model_options.pop("sampler_calc_cond_batch_function", None)
-    if "sampler_calc_cond_batch_function" in patched.model_options:
-        log.warning("Self-NPO replaces an earlier sampler_calc_cond_batch_function patch on this model")
-    return patched
+def model_compiler_active(device) -> bool:
+    """Whether newer ComfyUI's "Comfy model compiler" (v0.38+: on by default with dynamic VRAM on
+    CUDA, off with --disable-comfy-compiler) records this device's allocations: core's own test,
+    `comfy.model_prefetch.malloc_graph_enabled`. Cores without it (the pin) have no compiler."""
+    try:
+        import comfy.model_prefetch as prefetch
+    except ImportError:
+        return False
+    enabled = getattr(prefetch, "malloc_graph_enabled", None)
+    return bool(enabled(device)) if enabled is not None else False
+
+
+_APPLIED_TWICE = (
+    "this model already guides with a Self-NPO negative model (an 'Apply Self-NPO' earlier in the graph). "
+    "Self-NPO takes one negative model; a second would silently replace the first. Connect the model from "
+    "before the first 'Apply Self-NPO' (one 'Apply Self-NPO' or 'Self-NPO CFG Guider' per sampled model)")
 
 
 @torch.no_grad()
@@ -222,6 +229,8 @@ def apply_self_npo(model, negative_model, residency: str = "auto", rank: int | N
     convention); other steps are plain CFG on the positive model."""
     if negative_model is None:
         raise ValueError("Self-NPO needs a negative model")
+    if get_plan(model) is not None:
+        raise SelfNPOError(_APPLIED_TWICE)
     guidance_mode = make_mode(mode, autoguidance_scale)
     interval = Interval(start_percent, end_percent)
     if model.model.model_config.unet_config != negative_model.model.model_config.unet_config:
@@ -229,7 +238,9 @@ def apply_self_npo(model, negative_model, residency: str = "auto", rank: int | N
     name = _choose_residency(model, negative_model, residency)
     plan = SelfNPOPlan(_RESIDENCY_FACTORIES[name](model, negative_model, rank), guidance_mode, interval,
                        distilled=is_guidance_distilled(model))
-    patched = _clone_without_self_npo(model)
+    patched = model.clone()
+    if "sampler_calc_cond_batch_function" in patched.model_options:
+        log.warning("Self-NPO replaces an earlier sampler_calc_cond_batch_function patch on this model")
     plan.holder.install(patched)
     patched.add_callback_with_key(_CALLBACKS.ON_PRE_RUN, KEY, plan.on_pre_run)
     patched.add_callback_with_key(_CALLBACKS.ON_CLEANUP, KEY, plan.on_cleanup)

@@ -152,6 +152,8 @@ def lowrank_deltas(positive, negative, rank: int | None = None) -> tuple[dict[st
             raise SelfNPOError(f"batched_lowrank cannot apply a change to {key}; use residency 'separate'")
         entry = deltas.setdefault(module_path, LayerDelta(module_path))
         factors = exact_lora_change(positive, negative, key) if param == "weight" else None
+        if factors and all(s == 0 or not torch.count_nonzero(u) or not torch.count_nonzero(d) for u, d, s in factors):
+            continue  # a LoRA that changes nothing: the same answer as `separate` gives (no change)
         if factors:
             entry.up = torch.cat([up.float() * s for up, _down, s in factors], dim=1).to(cpu)
             entry.down = torch.cat([d.float() for _u, d, _s in factors], dim=0).to(cpu)

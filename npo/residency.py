@@ -24,7 +24,7 @@ import comfy.utils
 
 from .errors import SelfNPOError
 from .lowrank import LowRankReport, NegativeRowsHooks, check_supported, negative_row_slices
-from .separate import check_live_weights, negative_model_options
+from .separate import LaterPatches, check_live_weights, negative_model_options
 
 log = logging.getLogger("comfy_selfnpo")
 
@@ -43,16 +43,20 @@ class SeparateResidency:
         self.negative = negative  # the independent negative ModelPatcher
         self.guard = guard        # key -> expected θ_neg − θ_pos (cpu, f32)
         self.verified = False
+        self.applied_to = None    # LaterPatches: what the positive carried at apply time
 
     def describe(self) -> str:
         return "residency separate (the negative model holds its own weights)"
 
     def install(self, patched) -> None:
         patched.set_additional_models(KEY, [self.negative])
+        self.applied_to = LaterPatches(patched)
 
     def start_run(self, patcher) -> None:
         """Models are loaded: set the negative up and check its live weights."""
         self.verified = False
+        if not getattr(patcher, "is_multigpu_base_clone", False):  # per-GPU copies: core's, checked once
+            self.applied_to.check(patcher)
         negatives = patcher.get_additional_models_with_key(KEY)
         if not negatives:
             raise SelfNPOError("the Self-NPO negative model was not registered with the sampled model")

@@ -159,6 +159,46 @@ def check_live_weights(positive, negative, guard: dict) -> None:
                 "If LoRAs were added after 'Apply Self-NPO', apply Self-NPO last.")
 
 
+class LaterPatches:
+    """What the positive MODEL carried when Self-NPO was applied (weight patches, object patches,
+    weight wrappers), to catch patches added after 'Apply Self-NPO'. The separate negative is a copy
+    taken at apply time: a LoRA loader (or ModelSampling node, ...) placed after 'Apply Self-NPO'
+    changes only the positive branch, and the picture is wrong without any error. Changes to
+    model_options (attention patches, wrappers) need no check: they reach the negative pass with the
+    model_options it is run with."""
+
+    def __init__(self, patcher):
+        self.patches = {k: list(v) for k, v in patcher.patches.items()}
+        self.object_patches = dict(patcher.object_patches)
+        self.weight_wrappers = {k: list(v) for k, v in getattr(patcher, "weight_wrapper_patches", {}).items()}
+
+    @staticmethod
+    def _changed(before: dict, now: dict) -> list[str]:
+        def same(a, b):
+            if isinstance(a, list) and isinstance(b, list):
+                return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+            return a is b
+        return sorted(k for k in set(before) | set(now) if not same(before.get(k), now.get(k)))
+
+    def check(self, patcher) -> None:
+        """Raise when `patcher` (the sampled MODEL) carries patches it did not carry at apply time."""
+        found = []
+        for what, before, now in (
+                ("weight patches (a LoRA loader?)", self.patches, patcher.patches),
+                ("object patches (a ModelSampling node?)", self.object_patches, patcher.object_patches),
+                ("weight wrappers", self.weight_wrappers, getattr(patcher, "weight_wrapper_patches", {}))):
+            changed = self._changed(before, now)
+            if changed:
+                found.append(f"{what} on {len(changed)} entries, e.g. {changed[0]}")
+        if found:
+            raise SelfNPOError(
+                "Self-NPO: the model was patched after 'Apply Self-NPO' (" + "; ".join(found) + "). In residency "
+                "separate the negative model is a copy taken when Self-NPO was applied, so its branch would run "
+                "without these changes and the picture would be wrong. Put 'Apply Self-NPO' after your LoRA "
+                "loaders and model patches (connect the model they output), or, for a negative model made by 'Self-NPO "
+                "Negative Model', use residency batched_lowrank.")
+
+
 def negative_model_options(model_options: dict, key: str) -> dict:
     """model_options for the negative model's calc_cond_batch.
 

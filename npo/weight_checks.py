@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import torch
 
-from .weight_keys import lora_role
+from .weight_keys import lora_role, offset_param
 from .weight_report import NPOFormatError, file_name
 
 _CHUNK = 1 << 24  # elements checked at a time: bounded extra memory on multi-GB files
@@ -36,13 +36,43 @@ def check_finite(tensors: dict, source: str) -> None:
             "weights again from a good checkpoint, or retrain.")
 
 
+def check_number_types(tensors: dict, source: str, skip=lambda key: False) -> None:
+    """LoRA matrices and offsets hold floating-point numbers, and a LoRA's alpha is one number.
+    Integer factors (an int8-quantized LoRA) carry a scale the file format does not say: read as they
+    are they would be a change hundreds of times too large."""
+    for key in sorted(tensors):
+        if skip(key):
+            continue
+        role = lora_role(key)
+        tensor = tensors[key]
+        if role is not None and role[1] == "alpha":
+            if tensor.numel() != 1:
+                raise NPOFormatError(
+                    f"{file_name(source)}: the LoRA alpha {key} holds {tensor.numel()} numbers (shape "
+                    f"{tuple(tensor.shape)}), but an alpha is one number; the file was written by a broken tool: "
+                    "export it again.")
+        elif (role is not None or offset_param(key) is not None) and not tensor.is_floating_point():
+            raise NPOFormatError(
+                f"{file_name(source)}: {key} is stored as {str(tensor.dtype).replace('torch.', '')}, not as "
+                "floating-point numbers (a quantized LoRA?); its scale is not in the file, so it cannot be "
+                "used as NPO weights. Use a float16/bfloat16/float32 export.")
+
+
 def check_lora_layers(tensors: dict, source: str, skip=lambda key: False) -> None:
-    """Every LoRA layer has both matrices, and their inner ranks agree (up: out x r, down: r x in)."""
+    """Every LoRA layer has both matrices, each once, and their inner ranks agree (up: out x r,
+    down: r x in)."""
     layers: dict[str, dict[str, str]] = defaultdict(dict)
-    for key in tensors:
+    for key in sorted(tensors):
         split = None if skip(key) else lora_role(key)
-        if split is not None:
-            layers[split[0]][split[1]] = key
+        if split is None:
+            continue
+        stem, role = split
+        if role in layers[stem]:  # two spellings of one entry (.lora_A.weight and .lora_A.default.weight)
+            raise NPOFormatError(
+                f"{file_name(source)}: '{layers[stem][role]}' and '{key}' are both the {role} entry of LoRA "
+                f"layer '{stem}' (two spellings of one layer); a file may hold each once, and which one is "
+                "meant is not known. Remove one of them and save the file again.")
+        layers[stem][role] = key
     for stem, roles in sorted(layers.items()):
         missing = [role for role in ("up", "down") if role not in roles]
         if missing:

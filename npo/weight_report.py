@@ -20,6 +20,8 @@ class PatchReport:
     merge_weight: float = 0.0
     merged: int = 0                                    # weights that receive the −β(θ_pos − θ_base) term
     source: str = ""
+    offset_against: str = ""                           # whole-model files: the weights subtracted from them
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         text = (f"{file_name(self.source)}: {self.format}, patched {self.patched} weights (strength {self.strength:g}"
@@ -29,7 +31,9 @@ class PatchReport:
         text += f"), {len(self.unmatched)} unmatched keys"
         if self.ignored:
             text += f", {len(self.ignored)} text-encoder keys ignored"
-        return text
+        if self.offset_against:
+            text += f"; whole model taken as an offset against {self.offset_against}"
+        return text + "".join(f"\nWARNING: {w}" for w in self.warnings)
 
 
 def file_name(source: str) -> str:

@@ -45,14 +45,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .model_weights import effective_weight, patch_block_parameters, unpatched_weight
-from .weight_checks import check_finite, check_lora_layers
+from .weight_checks import check_finite, check_lora_layers, check_number_types
 from .weight_formats import FORMAT_BY_NAME, FORMATS, MIN_MATCHED_FRACTION, Resolved, detect_format
 from .weight_keys import is_text_encoder_key
+from .provenance import offset_base_check
 from .weight_report import NPOFormatError, PatchReport, file_name
 
 __all__ = [
@@ -69,6 +70,7 @@ class NPOWeights:
     format: str
     tensors: dict[str, torch.Tensor]
     source: str = ""
+    metadata: dict = field(default_factory=dict)  # the file's safetensors metadata (provenance.py reads it)
 
     def resolve(self, model, reference=None) -> tuple[dict, PatchReport]:
         """ComfyUI patches {model key or (key, offset[, function]): patch} for `model` (a
@@ -81,11 +83,12 @@ class NPOWeights:
         return resolved.patches, resolved.report
 
 
-def _checked(tensors: dict, source: str) -> NPOWeights:
+def _checked(tensors: dict, source: str, metadata: dict | None = None) -> NPOWeights:
     fmt = detect_format(tensors.keys())
     check_finite(tensors, source)
+    check_number_types(tensors, source, skip=is_text_encoder_key)
     check_lora_layers(tensors, source, skip=is_text_encoder_key)
-    return NPOWeights(format=fmt, tensors=tensors, source=source)
+    return NPOWeights(format=fmt, tensors=tensors, source=source, metadata=dict(metadata or {}))
 
 
 def load_npo_file(path: str) -> NPOWeights:
@@ -97,10 +100,10 @@ def load_npo_file(path: str) -> NPOWeights:
     import comfy.utils
 
     try:
-        tensors = comfy.utils.load_torch_file(path, safe_load=True)
+        tensors, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
     except Exception as exc:
         raise NPOFormatError(f"could not read {path}: {exc}") from exc
-    return _checked(tensors, path)
+    return _checked(tensors, path, metadata)
 
 
 def npo_weights_from_state_dict(tensors: dict[str, torch.Tensor], source: str = "") -> NPOWeights:
@@ -165,6 +168,30 @@ def _refuse_plain_cfg(strength: float, merged: int) -> None:
             "for plain CFG leave the Self-NPO nodes out.")
 
 
+def _is_zero_change(patch) -> bool:
+    """Whether a patch (a LoRA adapter, or ("diff", (tensor,))) changes nothing."""
+    import comfy.weight_adapter as weight_adapter
+
+    if isinstance(patch, weight_adapter.LoRAAdapter):
+        up, down, alpha, mid = patch.weights[:4]
+        factors = [up, down] + ([mid] if mid is not None else [])
+        return (alpha is not None and float(alpha) == 0.0) or any(not torch.count_nonzero(f) for f in factors)
+    if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff":
+        return not torch.count_nonzero(patch[1][0])
+    return False
+
+
+def _refuse_zero_change(patches: dict, report: PatchReport) -> None:
+    """One refusal, whatever residency would come next, for a file that changes nothing."""
+    if all(_is_zero_change(p) for p in patches.values()):
+        what = (f"the whole model in it equals {report.offset_against}" if report.format == "full_model" else
+                "every change in it is zero (e.g. LoRA up matrices of zeros: saved before training took a step?)")
+        raise NPOFormatError(
+            f"{file_name(report.source)}: {what}, so the negative model would equal the positive model and "
+            "Self-NPO guidance would be plain CFG. Export the weights again from a trained run (or pick the file "
+            "for the right model).")
+
+
 @torch.no_grad()
 def make_negative_model(positive, npo: NPOWeights, strength: float = 1.0, merge_weight: float = 0.0,
                         base=None):
@@ -182,6 +209,13 @@ def make_negative_model(positive, npo: NPOWeights, strength: float = 1.0, merge_
         _check_same_architecture(positive, base)
     patches, report = npo.resolve(positive, reference=base)
     report.strength, report.merge_weight = strength, merge_weight
+    if npo.format == "full_model":
+        report.offset_against, warning = offset_base_check(npo.metadata, base if base is not None else positive,
+                                                           base_connected=base is not None)
+        if warning:
+            report.warnings.append(warning)
+            log.warning("Self-NPO: %s: %s", file_name(npo.source), warning)
+    _refuse_zero_change(patches, report)
     negative = positive.clone()
     if merge_weight != 0.0:
         # applied before the NPO patch: w ← (1−β)·θ_pos + β·θ_base, then w += η·δ

@@ -105,3 +105,55 @@ def test_strength_zero_is_refused_as_plain_cfg_unless_the_merge_weight_still_cha
     pos, bas = model.model.state_dict()[key], base.model.state_dict()[key]
     torch.testing.assert_close(effective_weight(negative, key), 0.5 * pos + 0.5 * bas)
     assert "strength 0, merge weight 0.5" in report
+
+
+def _refused(dirs, model, name: str, tensors: dict, message: str) -> None:
+    """The loader node refuses self_npo/<name> holding `tensors` with an error starting with `message`."""
+    npo_files.write(dirs["self_npo"] / name, tensors)
+    with pytest.raises(NPOFormatError, match=re.escape(message)):
+        _load(model, name)
+
+
+def test_a_lora_alpha_that_is_not_one_number_is_refused_naming_the_file_and_key(comfy_dirs, tiny):
+    model = tiny.build_model("sd15", seed=3)
+    tensors = _kohya(model)
+    key = _unet_key(tensors, ".alpha")
+    tensors[key] = torch.tensor([2.0, 2.0, 2.0])  # core: "a Tensor with 3 elements cannot be converted to Scalar"
+    _refused(comfy_dirs, model, "alpha.safetensors", tensors,
+             f"alpha.safetensors: the LoRA alpha {key} holds 3 numbers (shape (3,)), but an alpha is one number")
+
+
+@pytest.mark.parametrize("suffix", [".lora_up.weight", ".lora_down.weight"])
+def test_integer_lora_factors_are_refused_naming_the_file_key_and_dtype(comfy_dirs, tiny, suffix):
+    model = tiny.build_model("sd15", seed=3)
+    tensors = _kohya(model)
+    key = _unet_key(tensors, suffix)
+    tensors[key] = (tensors[key] * 100).round().to(torch.int8)  # an int8-quantized factor, its scale elsewhere
+    _refused(comfy_dirs, model, "int8.safetensors", tensors,
+             f"int8.safetensors: {key} is stored as int8, not as floating-point numbers")
+
+
+def test_two_peft_spellings_of_one_lora_entry_are_refused_naming_both_keys(comfy_dirs, tiny):
+    model = tiny.build_model("sd15", seed=3)
+    tensors = npo_files.peft_state_dict(npo_files.make_npo_offset(model, seed=1), model)
+    key = sorted(k for k in tensors if k.endswith(".lora_A.weight"))[2]
+    stem = key[: -len(".lora_A.weight")]
+    tensors[f"{stem}.lora_A.default.weight"] = tensors[key] * 2  # which one is meant? (one was dropped silently)
+    tensors[f"{stem}.lora_B.default.weight"] = tensors[f"{stem}.lora_B.weight"].clone()
+    _refused(comfy_dirs, model, "spellings.safetensors", tensors,
+             f"spellings.safetensors: '{stem}.lora_A.default.weight' and '{key}' are both the down entry of "
+             f"LoRA layer '{stem}'")
+
+
+@pytest.mark.parametrize("kind", ["kohya_lora", "offset", "full_model_ldm"])
+def test_a_file_that_changes_nothing_is_refused_once_by_the_loader(comfy_dirs, tiny, kind):
+    model = tiny.build_model("sd15", seed=3)
+    offset = npo_files.make_npo_offset(model, seed=1)
+    empty = npo_files.LowRankOffset({k: (torch.zeros_like(up), down, alpha) for k, (up, down, alpha)
+                                     in offset.factors.items()})
+    npo_files.write(comfy_dirs["self_npo"] / "untrained.safetensors", npo_files.WRITERS[kind](empty, model))
+    what = ("the whole model in it equals the positive model's checkpoint weights" if kind.startswith("full") else
+            "every change in it is zero")
+    with pytest.raises(NPOFormatError, match=re.escape(f"untrained.safetensors: {what}") + ".*Self-NPO guidance "
+                                             "would be plain CFG"):
+        _load(model, "untrained.safetensors")

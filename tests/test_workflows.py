@@ -286,3 +286,48 @@ def test_workflow_runs_in_the_real_comfyui_server(tiny, tmp_path):
     finally:
         server.stop()
     assert server.proc.poll() is not None, "the server must be stopped"
+
+
+SDXL_SIZE_EMBEDDINGS = 6 * 256  # SDXL's `y`: pooled output, then six 256-wide size/crop embeddings (not zero)
+
+
+@pytest.mark.parametrize("residency", ["auto", "separate"])
+def test_sdxl_template_runs_the_negative_branch_on_zeroed_conditioning(comfy_registry, model_files, monkeypatch,
+                                                                        residency):
+    """As the authors sample SDXL (force_zeros_for_empty_prompt), and as its negative model is trained: what
+    the negative model receives is zero text embeddings and a zero pooled part of `y`."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from comfy_selfnpo.npo.residency import NEGATIVE_SLOTS
+
+    api = _shrunk(_read_json(api_path("sdxl_selfnpo_guider")))
+    guider = next(n for n in api.values() if n["class_type"] == "SelfNPOCFGGuider")
+    assert api[guider["inputs"]["negative"][0]]["class_type"] == "ConditioningZeroOut"
+    guider["inputs"]["residency"] = residency
+    calls = []
+    forward = UNetModel.forward
+
+    def recording_forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kw):
+        calls.append(dict(module=self, context=context.clone(), y=y.clone(),
+                          slots=list(transformer_options["cond_or_uncond"]),
+                          negative_slots=transformer_options.get(NEGATIVE_SLOTS, ())))
+        return forward(self, x, timesteps, context, y, control, transformer_options, **kw)
+
+    monkeypatch.setattr(UNetModel, "forward", recording_forward)
+    run_prompt(api)
+    rows = {0: [], 1: []}  # CFG slot (0 cond, 1 uncond) -> (module, context rows, y rows)
+    for call in calls:
+        chunk = call["context"].shape[0] // len(call["slots"])
+        for i, slot in enumerate(call["slots"]):
+            part = slice(i * chunk, (i + 1) * chunk)
+            rows[slot].append((call["module"], call["context"][part], call["y"][part]))
+            if slot == 1 and residency == "auto":  # batched: the uncond rows are the negative model's
+                assert call["negative_slots"] == (1,)
+    assert len(rows[1]) == len(rows[0]) == 4  # every step evaluated the negative branch
+    if residency == "separate":
+        assert {id(m) for m, _, _ in rows[1]}.isdisjoint({id(m) for m, _, _ in rows[0]})
+    for (_, context, y), (_, cond_context, cond_y) in zip(rows[1], rows[0]):
+        pooled, sizes = y[:, :-SDXL_SIZE_EMBEDDINGS], y[:, -SDXL_SIZE_EMBEDDINGS:]
+        assert pooled.shape[1] > 0 and torch.count_nonzero(context) == 0 and torch.count_nonzero(pooled) == 0
+        assert torch.equal(sizes, cond_y[:, -SDXL_SIZE_EMBEDDINGS:]) and torch.count_nonzero(sizes) > 0
+        assert torch.count_nonzero(cond_context) > 0 and torch.count_nonzero(cond_y[:, :-SDXL_SIZE_EMBEDDINGS]) > 0

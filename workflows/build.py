@@ -134,7 +134,9 @@ def sdxl_selfnpo_guider() -> Graph:
     neg_model = g.add("SelfNPONegativeModelLoader", "Self-NPO Negative Model", model=ckpt[0],
                       npo_weights=SDXL_SELFNPO, strength=1.0, merge_weight=0.0)
     pos = g.add("CLIPTextEncode", "Prompt", at=(1, 1), clip=ckpt[1], text=PROMPT)
-    neg = g.add("CLIPTextEncode", "Negative prompt", at=(1, 2), clip=ckpt[1], text="")
+    # the authors' SDXL negative branch (force_zeros_for_empty_prompt), which the SDXL negative model is
+    # trained against: text embeddings and pooled output zeroed
+    neg = g.add("ConditioningZeroOut", "Negative: zeroed (as the authors)", at=(1, 2), conditioning=pos[0])
     guider = g.add("SelfNPOCFGGuider", "Self-NPO CFG Guider", at=(2, 0), model=ckpt[0],
                    negative_model=neg_model[0], positive=pos[0], negative=neg[0], cfg=7.0,
                    **GUIDANCE)
@@ -151,6 +153,9 @@ def sdxl_selfnpo_guider() -> Graph:
            "Pooled/ADM conditioning, ControlNet, area and mask conditioning reach the negative model "
            "exactly as they reach the positive one. At cfg = 1 the negative branch is skipped.",
            "Self-NPO SDXL weights were trained with corruption guidance w = −5 (the published recipe).",
+           "* **Negative: zeroed**: the negative branch runs on zeroed conditioning (text embeddings and pooled "
+           "output), as the authors sample SDXL and as the SDXL negative model is trained. For a negative prompt "
+           "instead, feed a CLIPTextEncode to the guider's *negative*.",
            GUIDANCE_NOTE, at=(0, 2))
     return g
 
