@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import signal
 import subprocess
 import time
@@ -136,3 +137,139 @@ def test_periodic_checkpoints_are_the_default_and_a_killed_run_resumes_from_one(
     code, err = run(capsys, *base_args(files, out, "--resume", "--save-every", 2, steps=saved + 1))
     assert code == cli.EXIT_OK, err
     assert summary(out)["resumed_from_step"] == saved and summary(out)["step"] == saved + 1
+
+
+# ------------------------------------------------------------------ the node: running again under a name
+
+
+def test_the_node_offers_continue_start_over_and_changed_data_for_an_existing_run(comfy_registry, comfy_dirs, tiny):
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+    from comfy_selfnpo.training.errors import ResumeMismatch
+
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    train = lambda **changes: SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None,  # noqa: E731
+                                                       **train_inputs(**changes))
+    with torch.inference_mode():
+        train(steps=2)
+        train(steps=3, learning_rate=2e-3, on_existing_run="continue")  # a safe change: continues
+        s = node_summary(comfy_dirs)
+        assert s["resumed_from_step"] == 2 and s["step"] == 3 and s["resume_changes"][0].startswith("learning_rate")
+
+        other_prompts = "a green pyramid\na yellow sphere on grass\na portrait of a dog"
+        with pytest.raises(ResumeMismatch, match="data: other prompts.*continue_with_changed_data") as info:
+            train(steps=4, prompts=other_prompts)
+        # no CLI flag the node lacks, no advice to delete the checkpoint
+        assert "--" not in str(info.value) and not re.search(r"\bdelete\b", str(info.value))
+        train(steps=4, prompts=other_prompts, on_existing_run="continue_with_changed_data")
+        assert node_summary(comfy_dirs)["resumed_from_step"] == 3
+
+        old_files, old_weights = snapshot(run_dir(comfy_dirs)), {
+            p.name: p.read_bytes() for p in comfy_dirs["self_npo"].glob(f"{NAME}*.safetensors")}
+        with pytest.raises(ResumeMismatch, match="lora_rank: checkpoint 4, now 8.*on_existing_run to start_over"):
+            train(steps=2, lora_rank=8)
+        train(steps=2, lora_rank=8, on_existing_run="start_over")
+    s = node_summary(comfy_dirs)
+    assert s["resumed_from_step"] is None and s["step"] == 2 and s["config"]["lora_rank"] == 8
+    # nothing of the earlier run was deleted: its folder and weights were moved aside, byte for byte
+    asides = sorted(run_dir(comfy_dirs).parent.glob(f"{NAME}-old-*"))
+    assert len(asides) == 1 and snapshot(asides[0]) == old_files and state_step(asides[0]) == 4
+    tag = asides[0].name[len(NAME):]
+    moved = {p.name.replace(tag, "", 1): p.read_bytes() for p in comfy_dirs["self_npo"].glob(f"{NAME}{tag}*")}
+    assert moved == old_weights and f"{NAME}-step000004.safetensors" in moved
+
+
+# ------------------------------------------------------------------ cancel in ComfyUI
+
+
+class CancelInsideAForward:
+    """Presses cancel as the server does — sets comfy.model_management's flag from outside — at the
+    first forward of a comfy.ops layer in one pass (teacher: without grad, student: with) after
+    training step `after` was reported. Core's own check at the start of that layer's forward
+    (comfy/ops.py, run_every_op) then raises InterruptProcessingException in the middle of a step."""
+
+    def __init__(self, after: int, total: int, student: bool):
+        self.after, self.total, self.student = after, total, student
+        self.armed_at = self.fired_in = None
+
+    def progress(self, value, total, preview, node_id=None, prompt_id=None):
+        if total == self.total and value >= self.after and self.armed_at is None:
+            self.armed_at = value
+
+    def pre_forward(self, module, args):
+        if (self.armed_at is not None and self.fired_in is None and isinstance(module, comfy.ops.CastWeightBiasOp)
+                and torch.is_grad_enabled() == self.student):
+            self.fired_in = type(module).__name__
+            comfy.model_management.interrupt_current_processing(True)
+
+    def __enter__(self):
+        # every step's report reaches the hook (ComfyUI's bar otherwise drops reports closer than 0.1 s)
+        self.throttle = comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL, comfy.utils.PROGRESS_THROTTLE_MIN_PERCENT
+        comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = comfy.utils.PROGRESS_THROTTLE_MIN_PERCENT = 0
+        comfy.utils.set_progress_bar_global_hook(self.progress)
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self.pre_forward)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL, comfy.utils.PROGRESS_THROTTLE_MIN_PERCENT = self.throttle
+        comfy.model_management.interrupt_current_processing(False)
+
+
+def assert_cancelled_at_the_last_whole_step(comfy_dirs, cancel) -> None:
+    from comfy_selfnpo.training.run_lock import RunLock
+
+    s = node_summary(comfy_dirs)
+    assert cancel.fired_in is not None and cancel.armed_at is not None
+    assert s["status"] == "cancelled" and s["step"] == cancel.armed_at
+    assert state_step(run_dir(comfy_dirs)) == cancel.armed_at
+    assert not comfy.model_management.processing_interrupted()  # the next prompt can run
+    RunLock(run_dir(comfy_dirs)).acquire().release()  # the run folder was released
+
+
+@pytest.mark.parametrize("student", [False, True], ids=["teacher-pass", "student-pass"])
+def test_a_cancel_raised_inside_a_forward_saves_the_last_step_and_the_next_run_resumes_it(comfy_registry, comfy_dirs,
+                                                                                         tiny, student):
+    from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
+
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    inputs = dict(steps=4, save_every=0)
+    with torch.inference_mode():
+        straight = SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None,
+                                            **train_inputs(output_name="straight", **inputs)).result[1]
+        with CancelInsideAForward(after=2, total=4, student=student) as cancel, \
+                pytest.raises(comfy.model_management.InterruptProcessingException):
+            SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(**inputs))
+        assert_cancelled_at_the_last_whole_step(comfy_dirs, cancel)
+        assert cancel.armed_at < 4 and not (comfy_dirs["self_npo"] / f"{NAME}.safetensors").exists()
+        resumed = SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(**inputs)).result[1]
+    s = node_summary(comfy_dirs)
+    assert s["status"] == "finished" and s["resumed_from_step"] == cancel.armed_at and s["step"] == 4
+    a, b = safetensors.torch.load_file(straight), safetensors.torch.load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never cancelled
+
+
+def test_a_cancel_inside_a_forward_through_comfyuis_executor(comfy_registry, comfy_dirs, tiny):
+    import execution
+    from comfy_exec import ServerStub, validate
+
+    tiny.save_checkpoint(str(comfy_dirs["checkpoints"] / "tiny.safetensors"), "sd15", seed=0)
+    prompt = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+              "train": {"class_type": "SelfNPOTrainTDFT",
+                        "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], **train_inputs(steps=3, save_every=0)}}}
+
+    def execute() -> list[str]:
+        valid, error, outputs, node_errors = validate(prompt)
+        assert valid, (error, node_errors)
+        executor = execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC,
+                                            cache_args={"lru": 0, "ram": 0})
+        executor.execute(prompt, "prompt", {}, outputs)
+        return [event for event, _ in executor.status_messages]
+
+    with CancelInsideAForward(after=1, total=3, student=True) as cancel:
+        events = execute()
+    assert "execution_interrupted" in events and "execution_error" not in events
+    assert_cancelled_at_the_last_whole_step(comfy_dirs, cancel)
+    assert "execution_success" in execute()
+    s = node_summary(comfy_dirs)
+    assert s["status"] == "finished" and s["resumed_from_step"] == cancel.armed_at and s["step"] == 3
