@@ -273,3 +273,46 @@ def test_a_cancel_inside_a_forward_through_comfyuis_executor(comfy_registry, com
     assert "execution_success" in execute()
     s = node_summary(comfy_dirs)
     assert s["status"] == "finished" and s["resumed_from_step"] == cancel.armed_at and s["step"] == 3
+
+
+# ------------------------------------------------------------------ Ctrl+C while starting up
+
+
+def wait_for_the_stop_handler(proc) -> None:
+    """Wait until the CLI catches SIGTERM (Python does not by default: it is the CLI's stop handler,
+    Linux's /proc tells); fail if torch was loaded before it (a Ctrl+C during the imports could be
+    lost). Each round reads the loaded libraries first: torch seen before the handler is conclusive."""
+    deadline = time.monotonic() + 60
+    while True:
+        torch_loaded = "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught >> (signal.SIGTERM - 1) & 1:
+            return
+        assert not torch_loaded, "torch was imported before the CLI's stop handler was installed"
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's state from Linux's /proc")
+def test_ctrl_c_while_starting_up_stops_the_run_with_status_130(files):
+    """main() installs its stop handler first, before torch and ComfyUI are imported; from then on a
+    SIGINT at any time while they are imported and the model is loaded ends the run with 130 before
+    training, never lost (a KeyboardInterrupt there could land in a library's bare `except:`, and the
+    run trained to the end). Before main() runs, the interpreter's own start-up answers the signal."""
+    for delay in (0.0, 0.02, 0.1, 0.3, 1.0):
+        out = files / f"out-{delay}"
+        proc = start_cli(base_args(files, out, steps=100_000))
+        wait_for_the_stop_handler(proc)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"SIGINT {delay} s after start-up was lost: the run kept training") from None
+        assert proc.returncode == 130, (delay, err)
+        assert "SIGINT received" in err and "Traceback" not in err, (delay, err)
+        assert not (out / "self_npo.safetensors").exists()
+        if (out / "summary.json").exists():  # the signal came once training had begun: a clean cancel
+            assert summary(out)["status"] == "cancelled", delay
