@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "./selfnpo-demo with --demo)")
     out.add_argument("--name", help="weights file name without extension (default self_npo)")
     out.add_argument("--resume", action="store_true", default=None,
-                     help="continue the checkpoint in the output folder (same model and hyper-parameters)")
+                     help="continue the checkpoint in the output folder (same model, data and hyper-parameters; "
+                          "steps, learning rate and schedule, gradient clipping and save cadence may change)")
     out.add_argument("--allow-data-change", action="store_true", default=None,
                      help="with --resume: accept data whose content changed since the checkpoint (e.g. fixed "
                           "captions); by default that is refused")
