@@ -142,7 +142,8 @@ def test_periodic_checkpoints_are_the_default_and_a_killed_run_resumes_from_one(
 # ------------------------------------------------------------------ the node: running again under a name
 
 
-def test_the_node_offers_continue_start_over_and_changed_data_for_an_existing_run(comfy_registry, comfy_dirs, tiny):
+def test_the_node_offers_continue_start_over_and_changed_data_for_an_existing_run(comfy_registry, comfy_dirs, tiny,
+                                                                                  caplog):
     from comfy_selfnpo.nodes.train import SelfNPOTrainTDFT
     from comfy_selfnpo.training.errors import ResumeMismatch
 
@@ -172,6 +173,7 @@ def test_the_node_offers_continue_start_over_and_changed_data_for_an_existing_ru
     assert s["resumed_from_step"] is None and s["step"] == 2 and s["config"]["lora_rank"] == 8
     # nothing of the earlier run was deleted: its folder and weights were moved aside, byte for byte
     asides = sorted(run_dir(comfy_dirs).parent.glob(f"{NAME}-old-*"))
+    assert f"the earlier run's files were moved to {asides[0]}" in caplog.text
     assert len(asides) == 1 and snapshot(asides[0]) == old_files and state_step(asides[0]) == 4
     tag = asides[0].name[len(NAME):]
     moved = {p.name.replace(tag, "", 1): p.read_bytes() for p in comfy_dirs["self_npo"].glob(f"{NAME}{tag}*")}

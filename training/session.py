@@ -185,9 +185,9 @@ class TrainingSession:
             raise OutputError(f"{e}; wait for it to finish or choose another output folder/name "
                               "(nothing was changed)") from None
         if self.options.start_over:
-            aside = self.paths.set_aside(time.strftime("old-%Y%m%d-%H%M%S"))
-            if aside is not None:
-                log.warning("starting over: the earlier run's files were moved to %s", aside)
+            moved = self.paths.set_aside(time.strftime("old-%Y%m%d-%H%M%S"))
+            if moved:
+                log.warning("starting over: the earlier run's files were moved to %s", ", ".join(map(str, moved)))
         return self.paths.has_checkpoint()
 
     def close(self) -> None:
