@@ -302,7 +302,7 @@ def test_ctrl_c_while_starting_up_stops_the_run_with_status_130(files):
     SIGINT at any time while they are imported and the model is loaded ends the run with 130 before
     training, never lost (a KeyboardInterrupt there could land in a library's bare `except:`, and the
     run trained to the end). Before main() runs, the interpreter's own start-up answers the signal."""
-    for delay in (0.0, 0.02, 0.1, 0.3, 1.0):
+    for delay in (0.0, 0.05, 0.5):
         out = files / f"out-{delay}"
         proc = start_cli(base_args(files, out, steps=100_000))
         wait_for_the_stop_handler(proc)
