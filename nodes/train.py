@@ -3,8 +3,9 @@
 A thin front end over `training.session.TrainingSession` (the same run the CLI makes). The weights
 go to the `self_npo` models folder, so 'Self-NPO Negative Model' lists them at once; the resumable
 checkpoint, loss log and previews go to `<output>/self_npo_training/<name>/` (kept out of the models
-folder so the loader never lists checkpoints). Running again with the same name resumes that
-checkpoint (or refuses, naming the hyper-parameters that differ).
+folder so the loader never lists checkpoints). Running again with the same name does what
+`on_existing_run` says: continue that checkpoint (or refuse, naming every setting that differs),
+start over with the earlier run's files moved aside, or continue with changed data.
 
 The preset's values travel with the node definition (`extra_dict` of the preset combo); the pack's
 frontend extension (web/selfnpo_train_presets.js) shows them in steps / learning_rate / lora_rank /
@@ -25,6 +26,12 @@ log = logging.getLogger("comfy_selfnpo")
 TEACHER_CHOICES = ["preset", "ema", "base"]
 RUNS_SUBFOLDER = "self_npo_training"
 PRESET_WIDGETS = ("steps", "learning_rate", "lora_rank", "teacher")  # what a preset fills in on the node
+# What running again under the same name does with the earlier run: SessionOptions for each choice.
+ON_EXISTING_RUN = {
+    "continue": dict(resume=True),
+    "start_over": dict(resume=False, start_over=True),
+    "continue_with_changed_data": dict(resume=True, allow_data_change=True),
+}
 
 
 def preset_widget_values() -> dict[str, dict]:
@@ -119,8 +126,14 @@ def _inputs() -> list:
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip=describe("seed")),
         io.String.Input("output_name", default="self_npo_negative",
                         tooltip="File name in models/self_npo (no extension). Running again with the same name "
-                                "resumes that run."),
-        io.Int.Input("save_every", default=100, min=0, max=1_000_000, advanced=True,
+                                "resumes that run (see on_existing_run)."),
+        io.Combo.Input("on_existing_run", options=list(ON_EXISTING_RUN), default="continue", optional=True,
+                       tooltip="When a run of this name exists: continue it (changed steps, learning rate or "
+                               "save cadence apply from its last step; other changed settings are refused, "
+                               "naming them); start_over (its files are moved to <name>-old-<date-time>, "
+                               "nothing is deleted); or continue_with_changed_data (continue although the "
+                               "images, captions or prompts changed)."),
+        io.Int.Input("save_every", default=TDFTConfig().save_every, min=0, max=1_000_000, advanced=True,
                      tooltip=describe("save_every") + "; step files go to models/self_npo."),
         io.Int.Input("preview_every", default=0, min=0, max=1_000_000, advanced=True,
                      tooltip="Every N steps, show the first prompt sampled with plain CFG and with NPO-CFG in the "
@@ -203,7 +216,8 @@ class SelfNPOTrainTDFT(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, data_folder, prompts, preset, steps, learning_rate, lora_rank, teacher, seed,
-                output_name, save_every, preview_every, overrides="", vae=None, input_folder="") -> io.NodeOutput:
+                output_name, save_every, preview_every, overrides="", vae=None, input_folder="",
+                on_existing_run="continue") -> io.NodeOutput:
         from ..training.settings import build_config
 
         paths, name = run_paths(output_name)
@@ -213,19 +227,19 @@ class SelfNPOTrainTDFT(io.ComfyNode):
         except ValueError as e:
             raise ValueError(f"Self-NPO Train: {e}") from None
         data = data_source(input_folder, data_folder, prompts, config)
-        trainer, result = _train(model, clip, vae, data, config, paths, name, preview_every, seed)
+        trainer, result = _train(model, clip, vae, data, config, paths, name, preview_every, seed, on_existing_run)
         _refresh_loader_list()
         return _outputs_of(trainer, result)
 
 
-def _train(model, clip, vae, data, config, paths, name, preview_every, seed):
+def _train(model, clip, vae, data, config, paths, name, preview_every, seed, on_existing_run):
     import comfy.model_management as mm
 
-    from ..training.errors import OutOfMemory, TrainingCancelled
+    from ..training.errors import OutOfMemory, ResumeMismatch, TrainingCancelled
     from ..training.session import SessionOptions, TrainingSession
 
     progress = NodeProgress(config.steps)
-    options = SessionOptions(resume=True, preview_every=preview_every, preview_seed=seed, on_step=progress.step,
+    options = SessionOptions(**ON_EXISTING_RUN[on_existing_run], preview_every=preview_every, preview_seed=seed, on_step=progress.step,
                              on_preview=progress.preview, should_stop=progress.should_stop,
                              on_prepare=progress.prepare, extra_summary={"node": "SelfNPOTrainTDFT", "name": name})
     session = TrainingSession(model, clip, vae, data, config, paths, options)
@@ -239,9 +253,19 @@ def _train(model, clip, vae, data, config, paths, name, preview_every, seed):
         raise mm.InterruptProcessingException() from e
     except OutOfMemory as e:
         raise RuntimeError(f"Self-NPO Train: {e}") from e
+    except ResumeMismatch as e:
+        raise ResumeMismatch(f"Self-NPO Train: {e}. {_MISMATCH_HINT[e.data_only]}", e.differences, e.data_only) from None
     finally:
         session.close()
         mm.soft_empty_cache()
+
+
+_MISMATCH_HINT = {  # by ResumeMismatch.data_only
+    False: "To train with these settings from scratch, set on_existing_run to start_over (the earlier run's "
+           "files are moved to <name>-old-<date-time>, nothing is deleted) or choose another output_name",
+    True: "If the new data is intended, set on_existing_run to continue_with_changed_data; to train on it from "
+          "scratch, set it to start_over (the earlier run's files are moved aside, nothing is deleted)",
+}
 
 
 def run_report(result) -> str:

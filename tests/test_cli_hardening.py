@@ -256,7 +256,7 @@ def test_resume_with_other_prompts_or_images_is_refused_unless_accepted(files, c
     prompts = files / "prompts.txt"
     prompts.write_text("a green pyramid\na yellow sphere on grass\na portrait of a dog\n")  # same count
     code, err = run(capsys, *base_args(files, out, "--resume", steps=2))
-    assert code == cli.EXIT_INPUT and "training data changed" in err and "--allow-data-change" in err
+    assert code == cli.EXIT_MISMATCH and "data: other prompts or captions" in err and "--allow-data-change" in err
     code, err = run(capsys, *base_args(files, out, "--resume", "--allow-data-change", steps=2))
     assert code == cli.EXIT_OK, err
 
@@ -269,7 +269,7 @@ def test_resume_with_other_prompts_or_images_is_refused_unless_accepted(files, c
     assert code == cli.EXIT_OK, err
     write_image(data / "1.png", 7, "a red cube")  # other pixels, same name and caption
     code, err = run(capsys, *base_args(files, out, "--resume", data=data, steps=2))
-    assert code == cli.EXIT_INPUT and "training data changed" in err
+    assert code == cli.EXIT_MISMATCH and "data: other images or captions" in err
     write_image(data / "1.png", 1, "a red cube")  # the original pixels again
     moved = files / "moved"
     shutil.copytree(data, moved)  # the same content elsewhere is the same data
@@ -425,7 +425,7 @@ def test_a_truncated_checkpoint_says_how_to_start_over_with_and_without_resume(f
     path = out / "checkpoint" / "state.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     code, err = run(capsys, *base_args(files, out, steps=1))
-    assert code == cli.EXIT_WRITE and "--resume" in err and "to start over" in err
+    assert code == cli.EXIT_EXISTS and "--resume" in err and "to start over" in err
     code, err = run(capsys, *base_args(files, out, "--resume", steps=2))
     assert code == cli.EXIT_INPUT and "damaged" in err and "To start over, delete" in err
 

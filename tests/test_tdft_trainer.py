@@ -12,6 +12,7 @@ from comfy_selfnpo.training import (DataError, ImageCaptionFolder, NonFiniteLoss
                                     ResumeMismatch, TDFTTrainer, TrainingCancelled, make_config)
 from comfy_selfnpo.training.config import PRESETS, TDFTConfig
 from comfy_selfnpo.training.data import read_prompts_file
+from comfy_selfnpo.training.errors import UnusableCheckpoint
 from tdft_helpers import base_prediction, make_image_folder, snapshot
 
 
@@ -153,14 +154,14 @@ def test_resume_mismatch_says_what_differs(tiny, images, tmp_path):
     trainer = _trainer(ckpt, images, tmp_path, mode="lora", learning_rate=1e-3, lora_rank=4)
     trainer.train(steps=1)
     path = trainer.save_checkpoint()
-    other_lr = _trainer(ckpt, images, tmp_path, "b", mode="lora", learning_rate=5e-4, lora_rank=4)
-    with pytest.raises(ResumeMismatch, match="learning_rate"):
-        other_lr.load_checkpoint(path)
+    other_rank = _trainer(ckpt, images, tmp_path, "b", mode="lora", learning_rate=1e-3, lora_rank=8)
+    with pytest.raises(ResumeMismatch, match="lora_rank: checkpoint 4, now 8"):
+        other_rank.load_checkpoint(path)
     other_model = tiny.build_checkpoint("sd15", seed=9)
-    with pytest.raises(ResumeMismatch, match="another base model"):
+    with pytest.raises(ResumeMismatch, match="base model: checkpoint"):
         _trainer(other_model, images, tmp_path, "c", mode="lora", learning_rate=1e-3, lora_rank=4).load_checkpoint(path)
-    with pytest.raises(ResumeMismatch, match="no TDFT checkpoint"):
-        other_lr.load_checkpoint(tmp_path / "missing")
+    with pytest.raises(UnusableCheckpoint, match="no TDFT checkpoint"):
+        other_rank.load_checkpoint(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -151,8 +151,8 @@ def test_train_node_resumes_by_name_and_refuses_changed_hyper_parameters(comfy_r
         assert all(torch.equal(step2[k], first[k]) for k in first)
 
         before = (run_dir(comfy_dirs) / "checkpoint" / "state.pt").read_bytes()
-        with pytest.raises(ResumeMismatch, match="learning_rate"):
-            SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=4, learning_rate=5e-4))
+        with pytest.raises(ResumeMismatch, match="lora_rank: checkpoint 4, now 8.*on_existing_run to start_over"):
+            SelfNPOTrainTDFT.execute(ckpt.model, ckpt.clip, vae=None, **train_inputs(steps=4, lora_rank=8))
         assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").read_bytes() == before
     assert curve.shape == (1, 360, 640, 3) and 0 <= float(curve.min()) and float(curve.max()) <= 1
     # the MODEL output carries the trained weights: its unconditional prediction differs from the base

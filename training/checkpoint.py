@@ -20,16 +20,42 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .atomic_files import load_torch, save_torch
-from .errors import ResumeMismatch
+from .errors import ResumeMismatch, UnusableCheckpoint
 
 FORMAT = "comfy_selfnpo.tdft_checkpoint"
 VERSION = 2
 STATE_FILE = "state.pt"
-# Settings a resumed run may change: they do not alter the math of the remaining steps
-# (gradient checkpointing gives identical gradients; tested), so e.g. a run that ran out of memory
-# can resume with checkpointing switched on. batch_size may change with the number of processes as
-# long as the global batch stays the same (checked separately).
-RESUMABLE_CHANGES = {"steps", "save_every", "keep_last", "output_format", "gradient_checkpointing", "batch_size"}
+
+# What a resumed run may change, decided per setting. A setting in MAY_CHANGE only steers the steps
+# still to come: the run continues with a logged notice (as kohya and ai-toolkit resume). Every other
+# difference would make the saved state mean something else — another algorithm, network, optimizer,
+# effective batch, random stream or data — so the resume is refused, naming each one. A setting in
+# neither table is fixed (the safe default); a test keeps every TDFTConfig field in one of them.
+MAY_CHANGE = {
+    "steps": "the run's length",
+    "learning_rate": "the step size of the steps to come",
+    "lr_schedule": "the step size of the steps to come",
+    "warmup_steps": "the step size of the steps to come",
+    "max_grad_norm": "the gradient clipping of the steps to come",
+    "save_every": "how often it is saved",
+    "keep_last": "how many step files are kept",
+    "output_format": "the file written",
+    "gradient_checkpointing": "memory only: the gradients are identical (tested)",
+    # the per-process share: the global batch (batch_size × processes) is checked on its own
+    "batch_size": "the share of each process",
+}
+_ALGORITHM, _TRAINED, _OPTIMIZER, _DATA = ("the TDFT algorithm", "what is trained",
+                                           "the optimizer whose state was saved", "the data")
+FIXED = {
+    **dict.fromkeys(("grid_size", "truncation_steps", "corruption_guidance", "uncond", "loss", "huber_c",
+                     "teacher", "ema_decay"), _ALGORITHM),
+    **dict.fromkeys(("mode", "lora_rank", "lora_alpha", "lora_targets"), _TRAINED),
+    **dict.fromkeys(("optimizer", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "mixed_precision"),
+                    _OPTIMIZER),
+    "grad_accum": "the effective batch",
+    "seed": "the random draws",
+    **dict.fromkeys(("resolution", "frames", "fps", "trajectory_buffer"), _DATA),
+}
 
 
 @dataclass(frozen=True)
@@ -59,17 +85,17 @@ def write(folder, identity: RunIdentity, parts: dict) -> Path:
     return Path(folder)
 
 
-def damaged(folder, why: str) -> ResumeMismatch:
+def damaged(folder, why: str) -> UnusableCheckpoint:
     """The error for a checkpoint that cannot be used, saying how to start over."""
-    return ResumeMismatch(f"the checkpoint {str(state_file(folder))!r} is damaged or incomplete ({why}); "
-                          f"it cannot be resumed. To start over, delete {str(Path(folder))!r} (or choose "
-                          "another output folder/name); the exported weights stay usable")
+    return UnusableCheckpoint(f"the checkpoint {str(state_file(folder))!r} is damaged or incomplete ({why}); "
+                              f"it cannot be resumed. To start over, delete {str(Path(folder))!r} (or choose "
+                              "another output folder/name); the exported weights stay usable")
 
 
 def read(folder) -> dict:
     file = state_file(folder)
     if not file.is_file():
-        raise ResumeMismatch(f"no TDFT checkpoint at {str(file)!r}")
+        raise UnusableCheckpoint(f"no TDFT checkpoint at {str(file)!r}")
     try:
         state = load_torch(file)
     except Exception as e:
@@ -77,34 +103,38 @@ def read(folder) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise damaged(folder, "not a comfy-selfnpo TDFT checkpoint")
     if state.get("version") != VERSION:
-        raise ResumeMismatch(f"{str(file)!r} was written by another version of comfy-selfnpo (checkpoint "
-                             f"format {state.get('version')}, this version reads {VERSION}); start a new run "
-                             "(its exported weights remain usable)")
+        raise UnusableCheckpoint(f"{str(file)!r} was written by another version of comfy-selfnpo (checkpoint "
+                                 f"format {state.get('version')}, this version reads {VERSION}); start a new run "
+                                 "(its exported weights remain usable)")
     return state
 
 
-def check_resumable(saved: dict, now: RunIdentity, allow_data_change: bool = False) -> None:
-    """ResumeMismatch naming what differs between a checkpoint's identity and this run's.
-    allow_data_change: accept data whose content changed (same kind and count), e.g. fixed captions."""
-    if saved["base_model_hash"] != now.base_model_hash:
-        raise ResumeMismatch(
-            f"the checkpoint was trained from another base model (hash {saved['base_model_hash']}, "
-            f"this MODEL has {now.base_model_hash}); load the same checkpoint/LoRAs it was started with")
+def check_resumable(saved: dict, now: RunIdentity, allow_data_change: bool = False) -> list[str]:
+    """The notices of what this run changes that may change (MAY_CHANGE), or ResumeMismatch naming
+    every difference that may not, each with the checkpoint's value and this run's.
+    allow_data_change: accept data whose content changed (same kind), e.g. fixed captions."""
     old, new = saved["config"], now.config
-    diffs = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
-    if diffs:
-        detail = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in diffs)
-        raise ResumeMismatch(f"the checkpoint used other hyper-parameters ({detail}); resume "
-                             "with the same settings or start a new run")
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    both = {k: f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in changed}
+    notices = [f"{both[k]} ({MAY_CHANGE[k]})" for k in changed if k in MAY_CHANGE]
+    refused = [f"{both[k]} ({FIXED.get(k, 'a setting of the run')})" for k in changed if k not in MAY_CHANGE]
+    if saved["base_model_hash"] != now.base_model_hash:
+        refused.insert(0, f"base model: checkpoint {saved['base_model_hash']}, now {now.base_model_hash} (not the "
+                          "checkpoint, LoRAs and model shift the run started with)")
     if saved["global_batch"] != now.global_batch:
-        raise ResumeMismatch(
-            f"the checkpoint's global batch is {saved['global_batch']} (batch_size {old['batch_size']} × "
-            f"{saved['processes']} process(es)), this run's is {now.global_batch} (batch_size "
-            f"{new['batch_size']} × {now.processes}); keep batch_size × processes equal to resume")
+        refused.append(f"global batch: checkpoint {saved['global_batch']} (batch_size {old['batch_size']} × "
+                       f"{saved['processes']} process(es)), now {now.global_batch} (batch_size {new['batch_size']} "
+                       f"× {now.processes}); keep batch_size × processes equal")
     if saved["data_kind"] != now.data_kind:
-        raise ResumeMismatch(f"the checkpoint trained on {saved['data_kind']}, this run on {now.data_kind}")
-    if saved["data_fingerprint"] != now.data_fingerprint and not allow_data_change:
+        refused.append(f"data: checkpoint {saved['data_kind']}, now {now.data_kind}")
+    data_line = None
+    if saved["data_kind"] == now.data_kind and saved["data_fingerprint"] != now.data_fingerprint:
+        data_line = (f"data: other {now.data_kind} or captions than the checkpoint's (fingerprint "
+                     f"{saved['data_fingerprint']}, now {now.data_fingerprint})")
+        (notices if allow_data_change else refused).append(data_line)
+    if refused:
         raise ResumeMismatch(
-            f"the training data changed since the checkpoint was saved (other {now.data_kind} or captions: "
-            f"fingerprint {saved['data_fingerprint']} vs now {now.data_fingerprint}); resume with the same data, "
-            "or accept the change explicitly (CLI: --allow-data-change), or start a new run")
+            "this run differs from the run its checkpoint belongs to, in what stays fixed within a run: "
+            + "; ".join(refused) + ". The checkpoint is unchanged: resume with its values, or start a new run",
+            differences=refused, data_only=refused == [data_line])
+    return notices

@@ -25,14 +25,19 @@ import time
 from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_WRITE, EXIT_LOST = 0, 1, 2, 3, 4, 5, 6, 7
+EXIT_EXISTS, EXIT_MISMATCH = 8, 9
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 EXIT_CODES = {
     EXIT_OK: "success", EXIT_ERROR: "unexpected error (a bug: please report it with the traceback)",
     EXIT_USAGE: "bad arguments or config (also: the processes of a torchrun job were started with different "
-                "models, data or settings)", EXIT_INPUT: "unusable input (model file, data, resume mismatch)",
+                "models, data or settings)", EXIT_INPUT: "unusable input (model file, data, damaged checkpoint)",
     EXIT_NONFINITE: "the loss became NaN/inf", EXIT_OOM: "out of memory",
     EXIT_WRITE: "output not writable / disk full",
     EXIT_LOST: "another process of a torchrun job was lost (it died, or the network failed)",
+    EXIT_EXISTS: "the output folder already holds a checkpoint (continue it with --resume, or start over with "
+                 "another --output/--name)",
+    EXIT_MISMATCH: "resume refused: this run differs from the checkpoint's in settings that stay fixed within a "
+                   "run (each is named; the checkpoint is kept)",
     130: "stopped by SIGINT (Ctrl+C), resumable checkpoint saved", 143: "stopped by SIGTERM, likewise",
 }
 TINY_MODELS_ENV = "COMFY_SELFNPO_TINY_MODELS"
@@ -102,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "./selfnpo-demo with --demo)")
     out.add_argument("--name", help="weights file name without extension (default self_npo)")
     out.add_argument("--resume", action="store_true", default=None,
-                     help="continue the checkpoint in the output folder (same model and hyper-parameters)")
+                     help="continue the checkpoint in the output folder (same model, data and hyper-parameters; "
+                          "steps, learning rate and schedule, gradient clipping and save cadence may change)")
     out.add_argument("--allow-data-change", action="store_true", default=None,
                      help="with --resume: accept data whose content changed since the checkpoint (e.g. fixed "
                           "captions); by default that is refused")
@@ -220,17 +226,26 @@ def _check_args(args) -> None:
 
 # ------------------------------------------------------------------ signals and progress
 
+class StoppedBeforeTraining(Exception):
+    """A stop signal came while starting up: nothing was written."""
+
+
 class StopRequest:
     """SIGINT/SIGTERM ask the trainer to stop at the next step boundary (it then saves a resumable
     checkpoint); a second signal interrupts at once (the trainer still saves on KeyboardInterrupt).
+
+    Installed first thing in main(): a signal while starting up (importing torch and ComfyUI, loading
+    the model) is only remembered, and the run stops before training (`check`). A KeyboardInterrupt
+    there could land in a library's bare `except:` and be lost, and the run would train to the end.
 
     Under torchrun a second signal is expected, not a user's insistence: Ctrl+C reaches every process
     and the launcher, which then sends SIGTERM to every process. There, every signal only asks for
     the stop at the step boundary, which all processes reach together."""
 
-    def __init__(self, escalate: bool = True):
+    def __init__(self):
         self.signum = None
-        self.escalate = escalate
+        self.escalate = False  # while starting up a second signal only repeats the request
+        self.training = False
         self._previous = {}
 
     def __call__(self) -> bool:
@@ -244,9 +259,21 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        again = " (send it again to stop at once)" if self.escalate else ""
-        print(f"\ncomfy-selfnpo-train: {signal.Signals(signum).name} received; stopping after this step "
-              f"and saving a resumable checkpoint{again}", file=sys.stderr, flush=True)
+        if not self.training:
+            what = "stopping before training starts (nothing is written)"
+        else:
+            again = " (send it again to stop at once)" if self.escalate else ""
+            what = f"stopping after this step and saving a resumable checkpoint{again}"
+        print(f"\ncomfy-selfnpo-train: {signal.Signals(signum).name} received; {what}", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        """While starting up: StoppedBeforeTraining if a signal came."""
+        if self.signum is not None:
+            raise StoppedBeforeTraining()
+
+    def start_training(self, escalate: bool) -> None:
+        """From here a stop saves a resumable checkpoint; `escalate`: a second signal stops at once."""
+        self.training, self.escalate = True, escalate
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -481,7 +508,11 @@ def _observers(args, world) -> list:
 
 
 def _train(args, config, paths, stop, world) -> int:
+    from .distributed import launched_by_torchrun
+
     session, loaded, preview = _session(args, config, paths, stop, world)
+    stop.check()  # loading the model takes a while
+    stop.start_training(escalate=not launched_by_torchrun())
     try:
         trainer = session.prepare()
         bar = world.main_only(lambda: ProgressBar(config.steps, trainer.step, enabled=not args.no_progress))
@@ -568,17 +599,27 @@ def _is_lost_process(e: BaseException) -> bool:
     return False
 
 
+_MISMATCH_HINT = {  # by ResumeMismatch.data_only
+    False: "To train with these settings from scratch, choose another --output or --name",
+    True: "If the new data is intended, add --allow-data-change; to train on it from scratch, choose another "
+          "--output or --name",
+}
+
+
 def _exit_code(e: BaseException, stop) -> int:
     """Print what happened (one line, no traceback) and return the documented exit status; anything
     unexpected is re-raised (main prints the traceback, exit 1)."""
     import torch
 
-    from .errors import (NonFiniteLoss, OutOfMemory, ProcessesDisagree, TrainingCancelled, TrainingError,
-                         out_of_memory)
-    from .session import OutputError, describe_os_error
+    from .errors import (NonFiniteLoss, OutOfMemory, ProcessesDisagree, ResumeMismatch, TrainingCancelled,
+                         TrainingError, out_of_memory)
+    from .session import OutputError, RunExists, describe_os_error
 
     if isinstance(e, TrainingCancelled):
         _say(f"{e}. Continue with the same command plus --resume.")
+        return EXIT_SIGNAL.get(stop.signum, 130)
+    if isinstance(e, StoppedBeforeTraining):
+        _say(f"stopped by {signal.Signals(stop.signum).name} before training started; nothing was written.")
         return EXIT_SIGNAL.get(stop.signum, 130)
     if isinstance(e, KeyboardInterrupt):
         _say("interrupted; the trainer saved a resumable checkpoint if it had started (continue with --resume).")
@@ -586,9 +627,12 @@ def _exit_code(e: BaseException, stop) -> int:
     if isinstance(e, (OutOfMemory, torch.OutOfMemoryError)):  # a bare torch error: while loading
         _say(str(e if isinstance(e, OutOfMemory) else out_of_memory(e, 0)))
         return EXIT_OOM
-    for kind, code in ((NonFiniteLoss, EXIT_NONFINITE), (OutputError, EXIT_WRITE), (ProcessesDisagree, EXIT_USAGE),
-                       (TrainingError, EXIT_INPUT)):
-        if isinstance(e, kind):  # TrainingError: ModelLoadError, UnsupportedModel, DataError, ResumeMismatch, ...
+    if isinstance(e, ResumeMismatch):
+        _say(f"error: {e}. {_MISMATCH_HINT[e.data_only]}")
+        return EXIT_MISMATCH
+    for kind, code in ((NonFiniteLoss, EXIT_NONFINITE), (RunExists, EXIT_EXISTS), (OutputError, EXIT_WRITE),
+                       (ProcessesDisagree, EXIT_USAGE), (TrainingError, EXIT_INPUT)):
+        if isinstance(e, kind):  # TrainingError: ModelLoadError, UnsupportedModel, DataError, UnusableCheckpoint, ...
             _say(f"error: {e}")
             return code
     if _is_lost_process(e):
@@ -602,27 +646,24 @@ def _exit_code(e: BaseException, stop) -> int:
     raise e
 
 
-def run(args) -> int:
+def run(args, stop: StopRequest) -> int:
     config = _config_from_args(args)
     paths = _run_paths(args, config)
-    from .distributed import launched_by_torchrun
-
-    stop = StopRequest(escalate=not launched_by_torchrun())
     world = None
     try:
+        stop.check()  # importing torch and ComfyUI takes a while
         world = _world(args)
-        stop.install()
         return _train(args, config, paths, stop, world)
     except BaseException as e:  # noqa: B902  every outcome gets its documented exit status
         return _exit_code(e, stop)
     finally:
-        stop.restore()
         if world is not None:
             world.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    stop = StopRequest().install()  # first: a signal while starting up is kept (see StopRequest)
     restore_logging = None
     try:
         parser = build_parser()
@@ -631,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         restore_logging = _setup_logging(bool(args.verbose))
         _init_comfyui(args.device or "auto", bool(args.verbose))
-        code = run(args)
+        code = run(args, stop)
     except SystemExit as e:  # argparse: --help (0) or bad flags (2)
         return int(e.code or 0)
     except UsageError as e:
@@ -645,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_ERROR
     finally:
+        stop.restore()
         if restore_logging is not None:
             restore_logging()
     log.info("done in %.1f s", time.perf_counter() - started)

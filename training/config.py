@@ -76,7 +76,7 @@ class TDFTConfig:
                      "(Wan, HunyuanVideo: 1, 5, 9, ...); 0 = 17 for video models, 1 for image models", ge=0)
     fps: float = hp(16.0, "video clips in the data: the frame rate they are sampled at", gt=0)
     trajectory_buffer: int = hp(64, "data-free mode: number of buffered teacher trajectories", ge=1)
-    save_every: int = hp(0, "every N steps: a resumable checkpoint and an exported step file "
+    save_every: int = hp(100, "every N steps: a resumable checkpoint and an exported step file "
                          "<name>-stepNNNNNN.safetensors (0 = only at the end or on stop)", ge=0)
     keep_last: int = hp(3, "how many exported step files to keep (0 = all)", ge=0)
     output_format: str = hp("lora", "file written: lora (LoRA runs), offset (exact weight difference) or "

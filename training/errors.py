@@ -2,6 +2,8 @@
 to do about it. The node and the CLI show `str(error)` as is."""
 from __future__ import annotations
 
+import sys
+
 
 class TrainingError(RuntimeError):
     """Base class of every error the trainer raises on purpose."""
@@ -16,7 +18,18 @@ class NonFiniteLoss(TrainingError):
 
 
 class ResumeMismatch(TrainingError):
-    """A checkpoint belongs to another base model or was trained with other hyper-parameters."""
+    """This run differs from the run its checkpoint belongs to (base model, data, settings that must
+    stay fixed within a run). The checkpoint is fine and is left as it is. `differences`: one line
+    per differing setting with both values; `data_only`: only the data's content changed, which the
+    user may accept (CLI --allow-data-change, the node's on_existing_run)."""
+
+    def __init__(self, message: str, differences: tuple = (), data_only: bool = False):
+        super().__init__(message)
+        self.differences, self.data_only = tuple(differences), data_only
+
+
+class UnusableCheckpoint(TrainingError):
+    """A checkpoint that cannot be resumed at all: missing, damaged, or of another format version."""
 
 
 class ProcessesDisagree(TrainingError):
@@ -62,3 +75,15 @@ class TrainingCancelled(TrainingError):
         super().__init__(message)
         self.checkpoint_path = checkpoint_path
         self.step = step
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+def comfy_interrupt() -> type:
+    """ComfyUI's cancel: `comfy.model_management.InterruptProcessingException`, which core raises
+    inside any layer's forward (comfy/ops.py) once the user pressed cancel — mid-step, anywhere in a
+    teacher or student pass. Where ComfyUI is not loaded, a class nothing raises."""
+    mm = sys.modules.get("comfy.model_management")
+    return getattr(mm, "InterruptProcessingException", _NeverRaised)

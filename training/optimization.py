@@ -81,7 +81,14 @@ class Optimization:
                 "scaler": None if self.scaler is None else self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """The saved moments, step count and scaler; the learning rate and its schedule are this
+        config's (a resume may change them: checkpoint.MAY_CHANGE), at the saved step."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
+        lr = self.config.learning_rate
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = lr
+            group["lr"] = lr * lr_factor(self.config, self.scheduler.last_epoch)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
 from .atomic_files import atomic_write, save_json
+from .run_lock import LOCK_NAME
 
 CSV_COLUMNS = ("step", "loss", "lr", "teacher_s", "student_s", "elapsed_s")
 
@@ -56,6 +58,31 @@ class RunPaths:
         """This run's exported step files, oldest first."""
         pattern = f"{self.weights.stem}-step[0-9][0-9][0-9][0-9][0-9][0-9]{self.weights.suffix}"
         return sorted(self.weights.parent.glob(pattern))
+
+    def set_aside(self, tag: str) -> list[Path]:
+        """Start over without losing anything: move the earlier run's files (all but the lock) to the
+        folder `<run_dir>-<tag>`, and its weights to `<name>-<tag>….safetensors` beside them (names the
+        loader lists and the step-file rotation leaves alone). Returns where things went."""
+        tag = self._unused_tag(tag)
+        aside = self.run_dir.with_name(f"{self.run_dir.name}-{tag}")
+        entries = [e for e in sorted(self.run_dir.iterdir()) if e.name != LOCK_NAME] if self.run_dir.is_dir() else []
+        for entry in entries:
+            aside.mkdir(parents=True, exist_ok=True)
+            entry.rename(aside / entry.name)
+        moved = [aside] if entries else []
+        for path in [self.weights, *self.step_weight_files()]:
+            if path.is_file():
+                moved.append(path.with_name(f"{self.weights.stem}-{tag}{path.name[len(self.weights.stem):]}"))
+                path.rename(moved[-1])
+        return moved
+
+    def _unused_tag(self, tag: str) -> str:
+        """`tag`, or `tag-2`, `tag-3`, ... where a folder or weights file of that name exists (never overwrite)."""
+        for n in itertools.count(1):
+            candidate = tag if n == 1 else f"{tag}-{n}"
+            if not (self.run_dir.with_name(f"{self.run_dir.name}-{candidate}").exists()
+                    or self.weights.with_name(f"{self.weights.stem}-{candidate}{self.weights.suffix}").exists()):
+                return candidate
 
     def rotate_step_weights(self, keep_last: int) -> list[Path]:
         """Delete all but the newest `keep_last` step files (0 keeps all); returns the deleted ones."""

@@ -25,7 +25,7 @@ import torch
 
 from . import run_files
 from .distributed import LocalWorld
-from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError, out_of_memory
+from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError, comfy_interrupt, out_of_memory
 from .run_files import RunPaths
 from .run_lock import FolderInUse, RunLock
 from .signals import signals_deferred
@@ -35,6 +35,11 @@ log = logging.getLogger("comfy_selfnpo.training")
 
 class OutputError(TrainingError):
     """The output location cannot be written (missing permission, disk full, bad name)."""
+
+
+class RunExists(TrainingError):
+    """The output folder holds the checkpoint of an earlier run, and this run was asked neither to
+    resume it nor to start over."""
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
@@ -88,6 +93,7 @@ class SessionOptions:
     resume: bool = True             # continue from paths.checkpoint when it exists
     require_resume: bool = False    # refuse to start when there is no checkpoint (CLI --resume)
     refuse_existing: bool = False   # refuse when a checkpoint exists and resume is False
+    start_over: bool = False        # move an earlier run's files aside (`RunPaths.set_aside`) and start anew
     preview_every: int = 0
     preview_prompt: str = ""
     preview_seed: int = 0
@@ -126,6 +132,7 @@ class TrainingSession:
         self.rows: list[dict] = []
         self.started = time.perf_counter()
         self.resumed_from = None
+        self.resume_changes: list[str] = []  # what a resume changed that may change (checkpoint.MAY_CHANGE)
         self.lock = RunLock(paths.run_dir)
 
     # ------------------------------------------------------------ setup
@@ -148,15 +155,18 @@ class TrainingSession:
         if opts.require_resume and not exists:
             raise TrainingError(f"--resume: there is no checkpoint to resume from at {str(paths.checkpoint)!r}")
         if exists and not opts.resume and opts.refuse_existing:
-            raise OutputError(f"{str(paths.run_dir)!r} already holds a training checkpoint; pass --resume to "
-                              "continue it, choose another output folder/name, or delete "
-                              f"{str(paths.checkpoint)!r} to start over (nothing was overwritten)")
+            raise RunExists(f"{str(paths.run_dir)!r} already holds a training checkpoint; pass --resume to "
+                            "continue it, or choose another output folder/name to start over (nothing was "
+                            "overwritten)")
         self.trainer = TDFTTrainer(self.model, self.clip, self.vae, self.data, self.config, paths.run_dir,
                                    device=self.device, log=log.info, world=self.world)
         self.trainer.model_name = opts.model_name
         if exists and opts.resume:
-            # ResumeMismatch says what differs (or how to start over from a damaged checkpoint)
-            self.trainer.load_checkpoint(paths.checkpoint, allow_data_change=opts.allow_data_change)
+            # ResumeMismatch names what differs; UnusableCheckpoint says how to start over
+            self.resume_changes = self.trainer.load_checkpoint(paths.checkpoint,
+                                                               allow_data_change=opts.allow_data_change)
+            for change in self.resume_changes:
+                log.warning("resuming with a changed setting: %s", change)
             self.resumed_from = self.trainer.step
             self.rows = run_files.read_loss_csv(paths.loss_csv, up_to_step=self.trainer.step)
             log.info("resuming %s at step %d of %d", paths.run_dir, self.trainer.step, self.config.steps)
@@ -184,6 +194,10 @@ class TrainingSession:
         except FolderInUse as e:
             raise OutputError(f"{e}; wait for it to finish or choose another output folder/name "
                               "(nothing was changed)") from None
+        if self.options.start_over:
+            moved = self.paths.set_aside(time.strftime("old-%Y%m%d-%H%M%S"))
+            if moved:
+                log.warning("starting over: the earlier run's files were moved to %s", ", ".join(map(str, moved)))
         return self.paths.has_checkpoint()
 
     def close(self) -> None:
@@ -206,7 +220,7 @@ class TrainingSession:
         if every and (result.step % every == 0 or result.step == self.config.steps):
             try:
                 self.world.main_only(lambda: self.preview(result.step))
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, comfy_interrupt()):  # a cancel in ComfyUI stops the run, as asked
                 raise
             except Exception as e:  # a preview is a convenience: it never ends a training run
                 log.warning("preview at step %d failed (%s: %s); training goes on", result.step, type(e).__name__, e)
@@ -251,6 +265,7 @@ class TrainingSession:
             "step": trainer.step if trainer is not None else 0,
             "steps": self.config.steps,
             "resumed_from_step": self.resumed_from,
+            "resume_changes": self.resume_changes,
             "seconds": round(time.perf_counter() - self.started, 3),
             "peak_memory_bytes": int(peak),
             "device": str(trainer.device) if trainer is not None else None,

@@ -27,7 +27,8 @@ from .draws import ItemRandom
 from .conditioning import TextEncoder, forward_by_constants
 from .encoding import LATENTS, encode_data
 from .autograd_safety import needs_saved_copies, saved_tensor_copies
-from .errors import DataError, NonFiniteLoss, OutOfMemory, TrainingCancelled, UnsupportedModel, out_of_memory
+from .errors import (DataError, NonFiniteLoss, OutOfMemory, ResumeMismatch, TrainingCancelled, UnsupportedModel,
+                     comfy_interrupt, out_of_memory)
 from .families import family_of, makes_video
 from .geometry import latent_geometry
 from .grad_checkpointing import gradient_checkpointing
@@ -291,7 +292,7 @@ class TDFTTrainer:
             before = self.starts.state_dict()
             try:
                 losses = self._accumulate(teacher)
-            except (NonFiniteLoss, KeyboardInterrupt):
+            except (NonFiniteLoss, KeyboardInterrupt, comfy_interrupt()):
                 self._rewind(before)
                 raise
             except torch.OutOfMemoryError as e:
@@ -328,8 +329,9 @@ class TDFTTrainer:
     def train(self, steps=None, on_step=None, should_stop=None, on_save=None, on_prepare=None) -> TrainResult:
         """Run until config.steps (or `steps` more). Every `save_every` steps a resumable checkpoint
         (then on_save(step, folder)). should_stop() ends the run at the next step boundary with a
-        checkpoint (TrainingCancelled); so do Ctrl+C (KeyboardInterrupt, re-raised) and running out
-        of memory (OutOfMemory, with the checkpoint of the state before the failed step)."""
+        checkpoint (TrainingCancelled); so do ComfyUI's cancel raised inside a forward pass
+        (TrainingCancelled, the state after the last whole step), Ctrl+C (KeyboardInterrupt, re-raised)
+        and running out of memory (OutOfMemory, with the checkpoint of the state before the failed step)."""
         target = self.config.steps if steps is None else self.step + int(steps)
         start, losses, stop = time.perf_counter(), [], self._stopper(should_stop)
         if self.device.type == "cuda":
@@ -352,6 +354,8 @@ class TDFTTrainer:
         except KeyboardInterrupt:
             self.save_checkpoint()
             raise
+        except comfy_interrupt() as e:  # cancel in ComfyUI, raised inside a forward: the last whole step is kept
+            raise self._cancelled("training cancelled") from e
         except OutOfMemory as e:
             raise out_of_memory(e, self.step, checkpoint_path=self.save_checkpoint()) from e
         return TrainResult(steps=self.step, losses=losses, seconds=time.perf_counter() - start,
@@ -377,20 +381,28 @@ class TDFTTrainer:
             self.saved_step = self.step
         return written
 
-    def load_checkpoint(self, path, allow_data_change: bool = False) -> None:
-        """Restore everything saved by save_checkpoint (read by the main process, sent to the others);
-        ResumeMismatch names what differs, or says how to start over from a damaged checkpoint."""
+    def load_checkpoint(self, path, allow_data_change: bool = False) -> list[str]:
+        """Restore everything saved by save_checkpoint (read by the main process, sent to the others).
+        ResumeMismatch names every setting this run changes that must stay fixed; what may change
+        (checkpoint.MAY_CHANGE) applies from here on, and is returned as one line per change.
+        UnusableCheckpoint: missing, damaged or of another format."""
         with torch.inference_mode(False):
             state = self.world.from_main(lambda: checkpoint.read(path))
             try:
-                checkpoint.check_resumable(state["identity"], self.identity(), allow_data_change)
+                notices = checkpoint.check_resumable(state["identity"], self.identity(), allow_data_change)
+            except (KeyError, TypeError) as e:
+                raise checkpoint.damaged(path, f"its identity is incomplete ({type(e).__name__}: {e})") from e
+            try:
                 self.trained.load_state_dict(state["trained"])
                 self.optim.load_state_dict(state["optimization"])
                 self.starts.load_state_dict(state["starts"])
                 self.step, self.losses = int(state["step"]), list(state["losses"])
                 self.saved_step = self.step
+            except ResumeMismatch:
+                raise
             except (KeyError, TypeError, ValueError, RuntimeError) as e:  # missing or malformed parts
                 raise checkpoint.damaged(path, f"{type(e).__name__}: {e}") from e
+        return notices
 
     # ------------------------------------------------------------------ outputs
 
