@@ -48,6 +48,9 @@ class TDFTConfig:
     lora_alpha: float = hp(16.0, "LoRA alpha (the adapter is scaled by alpha / rank)", gt=0)
     lora_targets: str = hp("attn", "layers the LoRA trains: attn | attn+ff (the model family's attention / "
                            "feed-forward layers) | all_linear | a regex over layer names")
+    adapter: str = hp("lora", "what a LoRA-mode run trains (ComfyUI's own trainable adapters): lora; loha "
+                      "(LyCORIS Hadamard product, rank r per factor); lokr (LyCORIS Kronecker product, "
+                      "lora_rank is the factor, alpha unused)", choices=("lora", "loha", "lokr"))
     # optimisation
     learning_rate: float = hp(1e-6, "AdamW learning rate (1e-6 SD1.5 and 1e-7 SDXL full; ~1e-4 LoRA)", ge=0)
     weight_decay: float = hp(1e-3, "AdamW weight decay", ge=0)

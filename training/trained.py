@@ -25,7 +25,7 @@ import contextlib
 import torch
 
 from .errors import TrainingError, UnsupportedModel
-from .lora import LoRAAdapters
+from .adapters import AdapterSet
 from .streaming import streamed_layers
 
 
@@ -202,7 +202,8 @@ class FullWeights:
 
 
 class LoRAWeights:
-    """A LoRA adapter on the loaded model (extension): only the adapter's matrices train."""
+    """An adapter on the loaded model (extension): LoRA, LoHa or LoKr (`config.adapter`, ComfyUI's own
+    trainable adapters, adapters.py); only the adapter's tensors train."""
     may_skip_parameters = False  # every targeted layer runs in every forward pass
 
     def __init__(self, base_patcher, config):
@@ -210,8 +211,8 @@ class LoRAWeights:
         self.base_model = base_model = base_patcher.model
         make_autograd_safe(base_model.diffusion_model)  # its weights join the autograd graph
         with_ema = config.teacher == "ema"
-        self.adapters = LoRAAdapters(base_model.diffusion_model, config.lora_targets, config.lora_rank,
-                                     config.lora_alpha, config.seed, with_ema=with_ema)
+        self.adapters = AdapterSet(base_model.diffusion_model, config.lora_targets, config.lora_rank,
+                                   config.lora_alpha, config.seed, with_ema=with_ema, adapter=config.adapter)
         self.teacher = EMATeacher(self.adapters.ema, config.ema_decay) if with_ema else FrozenTeacher()
         self._teacher_adapter = "ema" if with_ema else "off"
 
@@ -261,7 +262,7 @@ class LoRAWeights:
         return {f"{n}.weight": d.cpu() for n, d in self.adapters.weight_deltas().items()}
 
     def lora_tensors(self) -> dict:
-        return self.adapters.kohya_state_dict(self.base_model)
+        return self.adapters.file_state_dict(self.base_model)
 
     def lora_model(self) -> dict:
         """What core's LORA_MODEL output carries: the LoRA."""
