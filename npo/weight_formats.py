@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .weight_keys import (KOHYA_SUFFIXES, LORA_LAYOUTS, LYCORIS_MARKERS, OFFSET_SUFFIXES, is_text_encoder_key,
+from .weight_keys import (KOHYA_SUFFIXES, LORA_LAYOUTS, LYCORIS_ROLES, OFFSET_SUFFIXES, is_text_encoder_key,
                           is_vae_key, lora_role, offset_param)
 from .weight_names import model_shapes, parameter_names
 from .weight_report import NPOFormatError, PatchReport, file_name
@@ -48,8 +48,8 @@ def _refuse_poor_match(report: PatchReport, matched_entries: int) -> None:
 
 
 class LayerEntries:
-    """LoRA layers and offsets, in any naming: kohya_lora, peft_lora and offset files (ComfyUI's
-    LoraSave mixes LoRA layers with .diff/.diff_b entries for norms and biases)."""
+    """LoRA layers and offsets, in any naming: kohya_lora, peft_lora, LyCORIS (LoHa/LoKr) and offset
+    files (ComfyUI's LoraSave mixes LoRA layers with .diff/.diff_b entries for norms and biases)."""
 
     def __init__(self, name: str, claims):
         self.name = name
@@ -216,6 +216,10 @@ def _claims_lora(keys) -> bool:
     return any(k.endswith(pair) for k in keys for pair in LORA_LAYOUTS)
 
 
+def _claims_lycoris(keys) -> bool:
+    return any(k.endswith("." + role) for k in keys for role in LYCORIS_ROLES)
+
+
 def _claims_offset(keys) -> bool:
     return any(k.endswith(tuple(OFFSET_SUFFIXES)) for k in keys)
 
@@ -224,6 +228,7 @@ def _claims_offset(keys) -> bool:
 FORMATS = (
     LayerEntries("kohya_lora", _claims_kohya),
     LayerEntries("peft_lora", _claims_lora),
+    LayerEntries("lycoris", _claims_lycoris),  # LoHa / LoKr
     LayerEntries("offset", _claims_offset),
     FullModel(),
 )
@@ -232,14 +237,11 @@ FORMAT_BY_NAME = {f.name: f for f in FORMATS}
 
 def detect_format(keys) -> str:
     keys = [k for k in keys if not is_text_encoder_key(k)]
-    if any(marker in k for k in keys for marker in LYCORIS_MARKERS):
-        raise NPOFormatError("LyCORIS LoHa/LoKr files are not supported as NPO weights; use a LoRA "
-                             "(kohya or PEFT), a .diff offset or a whole diffusion model")
     for fmt in FORMATS:
         if fmt.claims(keys):
             return fmt.name
     sample = ", ".join(sorted(keys)[:5]) or "none"
     raise NPOFormatError(
         "unrecognised NPO weight file: it holds no diffusion-model weights (only text-encoder or VAE "
-        "keys, or nothing); expected a LoRA (lora_down/lora_up or lora_A/lora_B keys), an offset (.diff "
+        "keys, or nothing); expected a LoRA (lora_down/lora_up or lora_A/lora_B keys; LyCORIS hada_*/lokr_* keys), an offset (.diff "
         f"keys) or a whole diffusion model (ComfyUI or diffusers keys). First keys: {sample}")

@@ -17,6 +17,8 @@ Formats (`NPOWeights.format`; one class each in weight_formats.py):
   kohya_lora   <stem>.lora_down.weight / .lora_up.weight (+ .alpha); text-encoder keys skipped
   peft_lora    <stem>.lora_A/.lora_B(.weight | .default.weight), .lora.down/.up.weight, ...: PEFT and
                diffusers files, e.g. the authors' Diffusion-NPO releases
+  lycoris      <stem>.hada_w1_a/_w1_b/_w2_a/_w2_b (LoHa), <stem>.lokr_w1/_w2 or their _a/_b pairs (LoKr),
+               + .alpha: LyCORIS files (and the pack's LoHa/LoKr runs); ComfyUI's adapters do the math
   offset       <stem>.diff / <stem>.diff_b: ComfyUI's LoraSave "full_diff" layout
   full_model   a whole UNet or DiT: ComfyUI/ldm keys (bare, "diffusion_model.", "model.diffusion_model.",
                ...; also the original checkpoint names ComfyUI converts on load) or diffusers keys. It
@@ -116,9 +118,21 @@ def _patch_shape(patch) -> tuple | None:
         if mid is not None or reshape is not None:
             return None
         return (up.shape[0], down[0].numel())
+    if isinstance(patch, weight_adapter.LoHaAdapter) and patch.weights[5] is None:  # no Tucker core
+        w1a, w1b = patch.weights[:2]
+        return (w1a.shape[0], w1b[0].numel())
+    if isinstance(patch, weight_adapter.LoKrAdapter) and patch.weights[7] is None:
+        return _lokr_shape(*patch.weights[:2], *patch.weights[3:7])
     if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff":
         return tuple(patch[1][0].shape)
     return None
+
+
+def _lokr_shape(w1, w2, w1a, w1b, w2a, w2b) -> tuple:
+    """kron(w1, w2) as (out, in·kernel); a factor is whole or a low-rank pair."""
+    out1, in1 = (w1.shape[0], w1.shape[1]) if w1 is not None else (w1a.shape[0], w1b.shape[1])
+    out2, in2 = (w2.shape[0], w2[0].numel()) if w2 is not None else (w2a.shape[0], w2b[0].numel())
+    return (out1 * out2, in1 * in2)
 
 
 def _check_shapes(resolved: Resolved, base_model, source: str) -> None:
