@@ -15,6 +15,8 @@ import math
 import re
 from dataclasses import dataclass, fields
 
+from .export import EXPORTERS
+
 LORA_TARGET_NAMES = ("attn", "attn+ff", "all_linear")
 
 
@@ -84,7 +86,7 @@ class TDFTConfig:
     keep_last: int = hp(3, "how many exported step files to keep (0 = all)", ge=0)
     output_format: str = hp("lora", "file written: lora (LoRA runs), offset (exact weight difference) or "
                             "unet (whole trained UNet); full-mode runs default to offset",
-                            choices=("lora", "offset", "unet"))
+                            choices=EXPORTERS)  # the table itself: a new exporter is a new choice
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,7 +150,8 @@ def describe(name: str) -> str:
 
 
 def choices_of(name: str) -> tuple | None:
-    return _FIELDS[name].metadata.get("choices")
+    choices = _FIELDS[name].metadata.get("choices")
+    return None if choices is None else tuple(choices)
 
 
 def field_types() -> dict[str, type]:

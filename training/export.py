@@ -16,9 +16,8 @@ import datetime
 import json
 from pathlib import Path
 
-import torch
-
-from .atomic_files import save_safetensors
+# torch is imported where it is used: the config reads EXPORTERS for output_format's choices, and the
+# CLI's argument parser must not import torch
 
 
 def _lora(trained, base_model) -> dict:
@@ -32,6 +31,8 @@ def _offset(trained, base_model) -> dict:
 def offset_state_dict(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Diffusion-model key -> change, as the offset format's keys (module docstring); unchanged
     tensors are left out."""
+    import torch
+
     out = {}
     for key, delta in deltas.items():
         if not torch.count_nonzero(delta):
@@ -58,6 +59,8 @@ EXPORTERS = {"lora": _lora, "offset": _offset, "unet": _unet}
 
 
 def export_tensors(trained, base_model, fmt: str) -> dict[str, torch.Tensor]:
+    import torch
+
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; choose {', '.join(EXPORTERS)}")
     with torch.inference_mode(False), torch.no_grad():
@@ -137,12 +140,16 @@ def adapter_metadata(config) -> dict[str, str]:
 
 
 def write(path, trained, base_model, fmt: str, meta: dict[str, str]) -> Path:
+    from .atomic_files import save_safetensors
+
     return save_safetensors(path, export_tensors(trained, base_model, fmt), meta)
 
 
 def negative_model(base_patcher, trained):
     """A clone of the base MODEL with the trained change as weight patches (and, for parameters
     ComfyUI does not patch, object patches: npo.model_weights.patch_block_parameters)."""
+    import torch
+
     from ..npo.model_weights import patch_block_parameters
 
     with torch.inference_mode(False), torch.no_grad():
