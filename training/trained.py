@@ -82,6 +82,12 @@ class FrozenTeacher:
         pass  # the loaded model itself: ComfyUI's model management places it
 
 
+def make_teacher(config, ema_copy):
+    """The teacher `config.teacher` asks for: an EMA of the student over `ema_copy()` (a copy of the
+    student's trained tensors), or the frozen initial model."""
+    return EMATeacher(ema_copy(), config.ema_decay) if config.teacher == "ema" else FrozenTeacher()
+
+
 def make_autograd_safe(module: torch.nn.Module) -> None:
     """Tensors created under torch.inference_mode() (ComfyUI loads models inside it) cannot be saved
     for backward. Swap such parameters/buffers for ordinary clones with identical values."""
@@ -130,7 +136,25 @@ def rebuild_float32(patcher):
     return copy_model
 
 
-class FullWeights:
+class _Trained:
+    """What both kinds share: the optimizer's parameters are `module`'s, the teacher follows them, and
+    a checkpoint holds the student and the teacher."""
+
+    def parameters(self) -> list:
+        return list(self.module.parameters())
+
+    def update_teacher(self) -> None:
+        self.teacher.update(self.parameters())
+
+    def state_dict(self) -> dict:
+        return {"student": _cpu_copy(self.module), "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+
+
+class FullWeights(_Trained):
     """Full fine-tuning (the paper): a float32 student copy of the whole diffusion model."""
     may_skip_parameters = True  # architectures have layers some inputs never reach
 
@@ -138,11 +162,8 @@ class FullWeights:
         self.base_patcher, self.base_model = base_patcher, base_patcher.model
         self.student_model = rebuild_float32(base_patcher)
         self.student_model.diffusion_model.requires_grad_(True).train()
-        if config.teacher == "ema":
-            self.teacher_model = rebuild_float32(base_patcher)
-            self.teacher = EMATeacher(self.teacher_model.diffusion_model, config.ema_decay)
-        else:
-            self.teacher_model, self.teacher = self.base_model, FrozenTeacher()
+        self.teacher_model = rebuild_float32(base_patcher) if config.teacher == "ema" else self.base_model
+        self.teacher = make_teacher(config, lambda: self.teacher_model.diffusion_model)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -155,9 +176,6 @@ class FullWeights:
     def streamed_student_layers(self, device) -> list:
         return []  # the student is its own copy, fully on the device; the loaded model only serves the teacher
 
-    def parameters(self) -> list:
-        return list(self.module.parameters())
-
     def student_forward(self, x, sigma, cond):
         return self.student_model.apply_model(x, sigma, **cond)
 
@@ -167,22 +185,12 @@ class FullWeights:
     def active(self):
         return contextlib.nullcontext()
 
-    def update_teacher(self) -> None:
-        self.teacher.update(self.parameters())
-
     def to(self, device) -> None:
         self.student_model.diffusion_model.to(device)
         self.teacher.to(device)
 
     def own_bytes(self) -> int:
         return _module_bytes(self.module) + self.teacher.own_bytes()
-
-    def state_dict(self) -> dict:
-        return {"student": _cpu_copy(self.module), "teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
 
     @torch.no_grad()
     def weight_deltas(self) -> dict[str, torch.Tensor]:
@@ -201,7 +209,7 @@ class FullWeights:
         return {f"diffusion_model.{k}": ("diff", (d,)) for k, d in self.weight_deltas().items()}
 
 
-class LoRAWeights:
+class LoRAWeights(_Trained):
     """An adapter on the loaded model (extension): LoRA, LoHa or LoKr (`config.adapter`, ComfyUI's own
     trainable adapters, adapters.py); only the adapter's tensors train."""
     may_skip_parameters = False  # every targeted layer runs in every forward pass
@@ -213,7 +221,7 @@ class LoRAWeights:
         with_ema = config.teacher == "ema"
         self.adapters = AdapterSet(base_model.diffusion_model, config.lora_targets, config.lora_rank,
                                    config.lora_alpha, config.seed, with_ema=with_ema, adapter=config.adapter)
-        self.teacher = EMATeacher(self.adapters.ema, config.ema_decay) if with_ema else FrozenTeacher()
+        self.teacher = make_teacher(config, lambda: self.adapters.ema)
         self._teacher_adapter = "ema" if with_ema else "off"
 
     @property
@@ -227,9 +235,6 @@ class LoRAWeights:
     def streamed_student_layers(self, device) -> list:
         return streamed_layers(self.base_model.diffusion_model, device)  # the student is the loaded model
 
-    def parameters(self) -> list:
-        return list(self.module.parameters())
-
     def student_forward(self, x, sigma, cond):
         with self.adapters.use("student"):
             return self.base_model.apply_model(x, sigma, **cond)
@@ -241,21 +246,11 @@ class LoRAWeights:
     def active(self):
         return self.adapters.attached(self.base_model.diffusion_model)
 
-    def update_teacher(self) -> None:
-        self.teacher.update(self.parameters())
-
     def to(self, device) -> None:
         self.adapters.to(device)
 
     def own_bytes(self) -> int:
         return _module_bytes(self.adapters)
-
-    def state_dict(self) -> dict:
-        return {"student": _cpu_copy(self.module), "teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
 
     @torch.no_grad()
     def weight_deltas(self) -> dict[str, torch.Tensor]:
