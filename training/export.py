@@ -147,10 +147,10 @@ def write(path, trained, base_model, fmt: str, meta: dict[str, str]) -> Path:
 
 def negative_model(base_patcher, trained):
     """A clone of the base MODEL with the trained change as weight patches (and, for parameters
-    ComfyUI does not patch, object patches: npo.model_weights.patch_block_parameters)."""
+    ComfyUI does not patch, object patches: npo.weights.patch_block_parameters)."""
     import torch
 
-    from ..npo.model_weights import patch_block_parameters
+    from ..npo.weights import patch_block_parameters
 
     with torch.inference_mode(False), torch.no_grad():
         clone = base_patcher.clone()

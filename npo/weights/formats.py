@@ -3,7 +3,7 @@
 `resolve` turns a file into ComfyUI weight patches keyed as `ModelPatcher.add_patches` takes them:
 the model key, or (key, offset[, function]) for a slice of a fused weight — diffusers names a fused
 qkv's parts separately, and a part lands on its rows exactly as ComfyUI's own LoRA loader does it.
-Names are looked up in `weight_names.parameter_names` (every naming the pack reads).
+Names are looked up in `names.parameter_names` (every naming the pack reads).
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .weight_keys import (KOHYA_SUFFIXES, LORA_LAYOUTS, LYCORIS_ROLES, OFFSET_SUFFIXES, is_text_encoder_key,
+from .keys import (KOHYA_SUFFIXES, LORA_LAYOUTS, LYCORIS_ROLES, OFFSET_SUFFIXES, is_text_encoder_key,
                           is_vae_key, lora_role, offset_param)
-from .weight_names import model_shapes, parameter_names
-from .weight_report import NPOFormatError, PatchReport, file_name
-from .weight_target import Target
+from .names import model_shapes, parameter_names
+from .report import NPOFormatError, PatchReport, file_name
+from .target import Target
 
 # A file whose keys mostly miss the model was made for another architecture: refuse it. Below this
 # fraction of matched diffusion-model entries the file is rejected (a correct file matches all).
@@ -173,7 +173,7 @@ def _comfy_load_reading(tensors: dict, base_model, shapes: dict) -> tuple[dict, 
 
 
 def _reference_weight(reference, key: str) -> torch.Tensor:
-    from .model_weights import unpatched_weight
+    from .model import unpatched_weight
 
     return unpatched_weight(reference, key)
 

@@ -13,7 +13,7 @@ A clone shares its weights with the positive model (ComfyUI patches one nn.Modul
 MODEL this returns must never be sampled side by side with the positive one naively; `npo.guidance`
 handles that (separate copy or batched low-rank residency) and checks it.
 
-Formats (`NPOWeights.format`; one class each in weight_formats.py):
+Formats (`NPOWeights.format`; one class each in weights/formats.py):
   kohya_lora   <stem>.lora_down.weight / .lora_up.weight (+ .alpha); text-encoder keys skipped
   peft_lora    <stem>.lora_A/.lora_B(.weight | .default.weight), .lora.down/.up.weight, ...: PEFT and
                diffusers files, e.g. the authors' Diffusion-NPO releases
@@ -51,11 +51,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .model_weights import effective_weight, patch_block_parameters, unpatched_weight
-from .weight_checks import check_finite, check_lora_layers
-from .weight_formats import FORMAT_BY_NAME, FORMATS, MIN_MATCHED_FRACTION, Resolved, detect_format
-from .weight_keys import is_text_encoder_key
-from .weight_report import NPOFormatError, PatchReport, file_name
+from .model import effective_weight, patch_block_parameters, unpatched_weight
+from .checks import check_finite, check_lora_layers
+from .formats import FORMAT_BY_NAME, FORMATS, MIN_MATCHED_FRACTION, Resolved, detect_format
+from .keys import is_text_encoder_key
+from .report import NPOFormatError, PatchReport, file_name
 
 __all__ = [
     "FORMATS", "MIN_MATCHED_FRACTION", "NEGATIVE_ATTACHMENT", "NPOFormatError", "NPOWeights", "NegativeModelInfo",

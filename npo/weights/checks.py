@@ -6,8 +6,8 @@ from collections import defaultdict
 
 import torch
 
-from .weight_keys import LYCORIS_LAYERS, lora_role, lycoris_algorithm
-from .weight_report import NPOFormatError, file_name
+from .keys import LYCORIS_LAYERS, lora_role, lycoris_algorithm
+from .report import NPOFormatError, file_name
 
 _CHUNK = 1 << 24  # elements checked at a time: bounded extra memory on multi-GB files
 
