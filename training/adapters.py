@@ -153,26 +153,21 @@ class AdapterLayer(torch.nn.Module):
         BypassForwardHook(base, self.bypass)
         self.is_conv = bool(self.bypass.is_conv)
 
-    @property
-    def alpha(self) -> float:
-        return float(self.core.alpha)
-
     def delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """What the adapter adds to the layer's output y = f(x). Core's training h() uses the adapter's
         float32 weights as they are (its trainer runs under autocast); a half-precision model outside
         autocast meets them here in float32."""
-        dtype = self._dtype()
+        dtype = self._first_parameter().dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             return self.bypass.h(x.to(dtype), y).to(y.dtype)
         return self.bypass.h(x, y).to(y.dtype)
 
-    def _dtype(self) -> torch.dtype:
-        return next(iter(self._parameters.values())).dtype
+    def _first_parameter(self) -> torch.nn.Parameter:
+        return next(iter(self._parameters.values()))
 
     def weight_delta(self) -> torch.Tensor:
         """ΔW in the base weight's shape: core's own weight patch applied to a zero weight."""
-        device = next(iter(self._parameters.values())).device
-        return self.core(torch.zeros(self.shape, device=device, dtype=torch.float32))
+        return self.core(torch.zeros(self.shape, device=self._first_parameter().device, dtype=torch.float32))
 
     def file_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor name in the file (after the layer's kohya name) -> tensor."""
@@ -210,7 +205,6 @@ class AdapterSet(torch.nn.Module):
         self.ema = None
         if with_ema:
             self.ema = copy.deepcopy(self.layers).requires_grad_(False)
-        self.rank, self.alpha = rank, float(alpha)
         self._active = self.layers  # the adapter set the hooks add: student, EMA, or None (adapter off)
 
     def _layer(self, base: torch.nn.Module, rank: int, alpha: float, gen) -> AdapterLayer:
