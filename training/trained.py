@@ -1,5 +1,5 @@
-"""What a TDFT run trains: all weights (`FullWeights`, the paper) or a LoRA adapter (`LoRAWeights`,
-an extension). Chosen once by `make_trained`; the trainer only uses the shared interface:
+"""What a TDFT run trains: all weights (`FullWeights`, the paper) or an adapter — LoRA, LoHa or LoKr,
+ComfyUI's own (`LoRAWeights`, adapters.py; an extension). Chosen once by `make_trained`; the trainer only uses the shared interface:
 
   student_forward / teacher_forward(x, sigma, cond)   x0-predictions (BaseModel.apply_model)
   module, parameters(), may_skip_parameters           what the optimizer and DDP see
@@ -15,8 +15,8 @@ Neither ever changes the caller's MODEL in place:
   * full: the student (and an EMA teacher) are separate float32 copies rebuilt from the model config
     and its state dict (ComfyUI models cannot be deep-copied); the frozen teacher is the loaded model
     itself, used without gradients;
-  * LoRA: adapters hooked into the loaded model only inside `active()`; the frozen teacher is the
-    same model with the adapter off.
+  * LoRA mode: adapters hooked into the loaded model only inside `active()`; the frozen teacher is
+    the same model with the adapter off.
 """
 from __future__ import annotations
 
