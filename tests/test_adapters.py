@@ -136,3 +136,23 @@ def test_the_adapter_choices_are_cores_trainable_adapters():
     assert tuple(ADAPTERS) == choices_of("adapter")
     cores = {a.name for a in wa.adapter_maps.values()}
     assert set(ADAPTERS) <= cores
+
+
+def test_lycoris_files_that_do_not_fit_are_refused_naming_the_layer(tiny):
+    from comfy_selfnpo.npo.weights import NPOFormatError, make_negative_model, npo_weights_from_state_dict
+    from comfy_selfnpo.training.adapters import kohya_names, select_targets
+
+    model = tiny.build_model("sd15", seed=3)
+    layer = select_targets(model.model.diffusion_model, "attn")[0]
+    key = kohya_names(model.model, [layer])[layer]
+    out, inp = dict(model.model.diffusion_model.named_modules())[layer].weight.shape
+    ranks_disagree = {f"{key}.hada_w1_a": torch.ones(out, 2), f"{key}.hada_w1_b": torch.ones(3, inp),
+                      f"{key}.hada_w2_a": torch.ones(out, 2), f"{key}.hada_w2_b": torch.ones(2, inp),
+                      f"{key}.alpha": torch.tensor(2.0)}
+    with pytest.raises(NPOFormatError, match=rf"LyCORIS layer '{key}': hada_w1_a \({out}, 2\) and hada_w1_b "
+                                             rf"\(3, {inp}\) have different inner ranks"):
+        npo_weights_from_state_dict(ranks_disagree, "loha.safetensors")
+    other_model = {f"{key}.lokr_w1": torch.ones(2, 2), f"{key}.lokr_w2": torch.ones(out, inp)}  # kron: 2·out × 2·in
+    with pytest.raises(NPOFormatError, match=rf"does not fit this model.*file \({2 * out}, {2 * inp}\) vs model "
+                                             rf"\({out}, {inp}\)"):
+        make_negative_model(model, npo_weights_from_state_dict(other_model, "lokr.safetensors"))
