@@ -106,7 +106,7 @@ def column_label(column: str, scores: dict) -> str:
 def comparison_grid(compared: dict, shown: int = SHOWN_PER_CLASS):
     """A PIL grid: a row per digit, a column per entry of `compared`, `shown` samples per cell, the
     column headers carrying the metrics."""
-    from ..training.run_files import labelled_grid
+    from ..images import labelled_grid
 
     per_class = next(iter(compared.values()))[0].shape[0] // len(DIGIT_NAMES)
     rows = []

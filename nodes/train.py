@@ -19,11 +19,11 @@ from pathlib import Path
 
 from comfy_api.latest import io, ui
 
-from ..training.config import DEFAULT_PRESET, PRESETS, TDFTConfig, describe
+from ..training.config import DEFAULT_PRESET, PRESETS, TDFTConfig, choices_of, describe
 
 log = logging.getLogger("comfy_selfnpo")
 
-TEACHER_CHOICES = ["preset", "ema", "base"]
+TEACHER_CHOICES = ["preset", *choices_of("teacher")]  # "preset": the preset's teacher
 RUNS_SUBFOLDER = "self_npo_training"
 PRESET_WIDGETS = ("steps", "learning_rate", "lora_rank", "teacher")  # what a preset fills in on the node
 # What running again under the same name does with the earlier run: SessionOptions for each choice.

@@ -3,7 +3,7 @@
 `diffusers_names(base_model)` gives {diffusers parameter name: Target}, e.g. for Wan
 "blocks.0.attn1.to_q.weight" -> diffusion_model.blocks.0.self_attn.q.weight. Files saved by diffusers
 or PEFT (LoRAs, offsets, whole transformers) use these names, usually under a "transformer." prefix
-(weight_names adds the prefixes).
+(weights/names.py adds the prefixes).
 
 Where ComfyUI has a map of its own (comfy.utils.unet_to_diffusers, mmdit_to_diffusers,
 flux_to_diffusers) it is used as it is. Where it has none (Wan, LTX-Video, HunyuanVideo, Lumina 2),
@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .weight_target import Target
+from .weights.target import Target
 
 PREFIX = "diffusion_model."
 

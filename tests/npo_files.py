@@ -234,7 +234,7 @@ def diffusers_peft_state_dict(offset: LowRankOffset, patcher, kind: str, prefix:
     """PEFT layout on diffusers' module names (the tiny diffusers model's own), with a fused ComfyUI
     weight's change split over the diffusers layers that hold its parts. Returns (state dict, the
     change restricted to the weights diffusers names)."""
-    from comfy_selfnpo.npo.weight_names import parameter_names
+    from comfy_selfnpo.npo.weights.names import parameter_names
 
     names = parameter_names(patcher.model)
     out, covered = {}, {}
@@ -280,7 +280,7 @@ def full_model_state_dict(patcher, changes: dict, naming: str) -> dict:
 def diffusers_full_model_state_dict(patcher, changes: dict, kind: str) -> tuple[dict, set]:
     """The changed diffusion model under the tiny diffusers model's parameter names, fused weights
     split as diffusers keeps them. Returns (state dict, the model keys it covers)."""
-    from comfy_selfnpo.npo.weight_names import parameter_names
+    from comfy_selfnpo.npo.weights.names import parameter_names
 
     names = parameter_names(patcher.model)
     new = changed_state(patcher, changes)

@@ -182,7 +182,7 @@ def test_cli_demo_shortened_trains_the_digits_model_and_writes_a_measured_grid(t
     assert f"CFG: FD {cfg['fd']:.1f}, {100 * cfg['accuracy']:.0f}% right digit" in proc.stderr
     # and what a user is told to look for: a slight difference, a flat and noisy loss by nature
     assert "most digits look alike" in proc.stderr and "flat and noisy by nature" in proc.stderr
-    from comfy_selfnpo.training.run_files import grid_cell_box
+    from comfy_selfnpo.images import grid_cell_box
 
     grid = Image.open(grid_path).convert("RGB")
     cell_w, cell_h = (4 * 33 + 1) * 2, (8 * 4 + 2) * 2  # four 8x8 digits at 4x with 1 px gaps, at scale 2
@@ -198,7 +198,7 @@ def test_cli_demo_shortened_trains_the_digits_model_and_writes_a_measured_grid(t
 
 
 def test_loss_trend_is_a_centred_rolling_median_that_ignores_the_first_large_steps():
-    from comfy_selfnpo.training.run_files import loss_plot, loss_trend
+    from comfy_selfnpo.images import loss_plot, loss_trend
 
     losses = [5.0, 4.0] + [0.1 + 0.01 * (i % 3) for i in range(98)]  # two large first steps, then flat noise
     trend = loss_trend(losses)
@@ -237,7 +237,7 @@ def test_cli_defaults_to_lora_12gb_writes_sample_prompt_rows_and_tensorboard_and
     for noise in ("torchaudio", "comfy_kitchen", "Traceback"):
         assert noise not in proc.stderr, proc.stderr
 
-    from comfy_selfnpo.training.run_files import GRID_HEADER, GRID_PAD
+    from comfy_selfnpo.images import GRID_HEADER, GRID_PAD
 
     grid = Image.open(out / "previews" / "step_000002.png")
     cell = 256  # 64 px previews scaled to 256

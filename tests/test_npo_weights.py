@@ -142,7 +142,7 @@ def test_unreadable_and_unknown_files_and_missing_base_give_clear_errors(tiny, t
     with pytest.raises(NPOFormatError, match="unrecognised NPO weight file"):
         load_npo_file(path)
     loha = npo_files.write(tmp_path / "loha.safetensors", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2)})
-    with pytest.raises(NPOFormatError, match="LoHa/LoKr files are not supported"):
+    with pytest.raises(NPOFormatError, match=r"LyCORIS layer 'lora_unet_x' has no hada_w1_a\+hada_w1_b"):
         load_npo_file(loha)
     npo = weights.npo_weights_from_state_dict(npo_files.kohya_state_dict(npo_files.make_npo_offset(model), model))
     with pytest.raises(ValueError, match="needs the base model"):

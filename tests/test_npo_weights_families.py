@@ -17,7 +17,7 @@ import comfy.sd
 import npo_files
 from comfy_selfnpo import tiny_models
 from comfy_selfnpo.npo.separate import materialize_independent_copy
-from comfy_selfnpo.npo.weight_names import parameter_names
+from comfy_selfnpo.npo.weights.names import parameter_names
 from comfy_selfnpo.npo.weights import effective_weight, make_negative_model, npo_weights_from_state_dict
 
 DIT_KINDS = tiny_models.DIT_KINDS

@@ -10,12 +10,12 @@
 Modules: config (TDFTConfig: every hyper-parameter with its meaning, PRESETS), settings (front-end
 parsing), data (image folder, latents, prompts), encoding (data -> latents and conditioning, once),
 tdft (the step math in ComfyUI terms, `tdft_step`), draws (per-item random draws), trained (full
-weights or LoRA, with the teacher), lora (adapters), grad_checkpointing, starts / trajectories (real
-latents or the data-free buffer), optimization (AdamW, schedule, precision), distributed (torchrun),
-checkpoint (the resumable checkpoint format), identity (base-model hash), export (weight files, the
-negative MODEL), atomic_files, trainer (TDFTTrainer), session / run_files (a whole run and its
-files), errors. Names are imported lazily so that
-importing the package (and the CLI's argument parser) does not import torch or ComfyUI."""
+weights or an adapter, with the teacher), adapters (ComfyUI's own LoRA, LoHa, LoKr on the loaded
+model), grad_checkpointing, starts / trajectories (real latents or the data-free buffer), optimization
+(AdamW, schedule, precision), distributed (torchrun), checkpoint (the resumable checkpoint format),
+identity (base-model hash), export (weight files, the negative MODEL), atomic_files, trainer
+(TDFTTrainer), session / run_files (a whole run and its files), errors. Names are imported lazily so
+that importing the package (and the CLI's argument parser) does not import torch or ComfyUI."""
 from __future__ import annotations
 
 _EXPORTS = {

@@ -209,11 +209,7 @@ def _toml_option(action, key: str, value):
 def _check_args(args) -> None:
     if args.data and args.prompts:
         raise UsageError("give either --data DIR or --prompts FILE, not both")
-    if not args.demo:
-        if not (args.data or args.prompts):
-            raise UsageError("no training data: pass --data DIR (images + captions) or --prompts FILE")
-        if not (args.checkpoint or args.diffusion_model):
-            raise UsageError("no model: pass --checkpoint FILE, or --diffusion-model FILE with --text-encoder FILE")
+    run_setup(args).check(args)
     for name in ("preview_every", "preview_steps"):
         value = getattr(args, name)
         if value is not None and value < 0:
@@ -374,22 +370,86 @@ def _import_comfyui(device: str) -> None:
     register_self_npo_folder()
 
 
+class OwnModelRun:
+    """A run on the user's model and data: what `--demo` changes, in one place (DemoRun)."""
+    output = "selfnpo-run"      # default run folder
+    overrides: dict = {}        # hyper-parameters under the flags (the demo's budget)
+    preview_steps = 20
+
+    @property
+    def preset(self) -> str:
+        from .config import DEFAULT_PRESET
+
+        return DEFAULT_PRESET
+
+    def check(self, args) -> None:
+        if not (args.data or args.prompts):
+            raise UsageError("no training data: pass --data DIR (images + captions) or --prompts FILE")
+        if not (args.checkpoint or args.diffusion_model):
+            raise UsageError("no model: pass --checkpoint FILE, or --diffusion-model FILE with --text-encoder FILE")
+
+    def preview_cfg(self) -> float:
+        return 7.0
+
+    def load(self, args):
+        return _load(args)
+
+    def data(self, args, config):
+        return _data(args, config)
+
+    def finish(self, loaded, trainer, paths, preview, result) -> None:
+        pass
+
+
+class DemoRun(OwnModelRun):
+    """`--demo`: the built-in digits model, data-free on its prompts (unless data is given), the demo's
+    preset and budget, and a CFG vs NPO-CFG grid with measured quality at the end."""
+    output = "selfnpo-demo"
+    preset = DEMO_PRESET
+    overrides = DEMO_OVERRIDES
+    preview_steps = 10
+
+    def check(self, args) -> None:
+        pass  # the model is built in, and so are the prompts
+
+    def preview_cfg(self) -> float:
+        from ..digits.demo import DEMO_CFG
+
+        return DEMO_CFG
+
+    def load(self, args):
+        return _load_demo()
+
+    def data(self, args, config):
+        if args.data or args.prompts:
+            return super().data(args, config)
+        from ..digits.model import PROMPTS
+        from .data import PromptList
+
+        return PromptList(list(PROMPTS))
+
+    def finish(self, loaded, trainer, paths, preview, result) -> None:
+        _finish_demo(loaded, trainer, paths, preview, result)
+
+
+def run_setup(args) -> OwnModelRun:
+    return DemoRun() if args.demo else OwnModelRun()
+
+
 def _config_from_args(args):
-    from .config import DEFAULT_PRESET, field_types
+    from .config import field_types
     from .settings import build_config
 
-    overrides = {name: getattr(args, name) for name in field_types()}
-    if args.demo:
-        overrides = {**DEMO_OVERRIDES, **{k: v for k, v in overrides.items() if v is not None}}
+    setup = run_setup(args)
+    flags = {name: getattr(args, name) for name in field_types()}
+    overrides = {**setup.overrides, **{k: v for k, v in flags.items() if v is not None}}
     try:
-        return build_config(args.preset or (DEMO_PRESET if args.demo else DEFAULT_PRESET), overrides)
+        return build_config(args.preset or setup.preset, overrides)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
 def _load(args):
-    if args.demo:
-        return _load_demo()
     from .model_loading import load_checkpoint, load_parts, with_shift
 
     if args.checkpoint and not (args.diffusion_model or args.text_encoder or args.vae):
@@ -418,10 +478,6 @@ def _load_demo():
 def _data(args, config):
     from .data import ImageCaptionFolder, PromptList, read_prompts_file
 
-    if args.demo and not (args.data or args.prompts):
-        from ..digits.model import PROMPTS
-
-        return PromptList(list(PROMPTS))
     if args.prompts:
         return PromptList(read_prompts_file(args.prompts))
     return ImageCaptionFolder(args.data, config.resolution, caption_extension=args.caption_extension or ".txt")
@@ -460,13 +516,15 @@ def _session(args, config, paths, stop, world):
     from .previews import PreviewSettings
     from .session import SessionOptions, TrainingSession
 
-    loaded = _load(args)
-    data = _data(args, config)
+    setup = run_setup(args)
+    loaded = setup.load(args)
+    data = setup.data(args, config)
     world.main_only(lambda: _say(
         f"{loaded.description}; {len(data)} {'images' if args.data else 'prompts'}; {config.mode} mode, "
         f"{config.steps} steps, {world.describe()}; output {paths.run_dir}"))
-    preview = PreviewSettings(steps=args.preview_steps or (10 if args.demo else 20),
-                              cfg=_preview_cfg(args), size=config.resolution)
+    preview = PreviewSettings(steps=args.preview_steps or setup.preview_steps,
+                              cfg=args.preview_cfg if args.preview_cfg is not None else setup.preview_cfg(),
+                              size=config.resolution)
     options = SessionOptions(resume=bool(args.resume), require_resume=bool(args.resume), refuse_existing=True,
                              allow_data_change=bool(args.allow_data_change),
                              preview_every=args.preview_every or 0, preview_prompt=args.preview_prompt or "",
@@ -477,16 +535,6 @@ def _session(args, config, paths, stop, world):
                                             "processes": world.size})
     session = TrainingSession(loaded.model, loaded.clip, loaded.vae, data, config, paths, options, world=world)
     return session, loaded, preview
-
-
-def _preview_cfg(args) -> float:
-    if args.preview_cfg is not None:
-        return args.preview_cfg
-    if args.demo:
-        from ..digits.demo import DEMO_CFG
-
-        return DEMO_CFG
-    return 7.0
 
 
 def _sample_prompts(args, config):
@@ -524,8 +572,7 @@ def _train(args, config, paths, stop, world) -> int:
                 bar.close()  # before the demo grid and the final lines
     finally:
         session.close()
-    if args.demo:
-        world.main_only(lambda: _finish_demo(loaded, trainer, paths, preview, result))
+    world.main_only(lambda: run_setup(args).finish(loaded, trainer, paths, preview, result))
     world.main_only(lambda: _say(f"finished {result.steps} steps in {result.seconds:.1f} s; weights "
                                  f"{result.weights}; summary {paths.summary}"))
     world.main_only(lambda: print(result.weights))
@@ -562,7 +609,7 @@ def _run_paths(args, config):
     from .run_files import RunPaths
     from .session import OutputError, check_run_name
 
-    output = Path(args.output or ("selfnpo-demo" if args.demo else "selfnpo-run")).expanduser().resolve()
+    output = Path(args.output or run_setup(args).output).expanduser().resolve()
     try:
         name = check_run_name(args.name or "self_npo")
     except OutputError as e:

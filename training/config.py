@@ -15,6 +15,8 @@ import math
 import re
 from dataclasses import dataclass, fields
 
+from .export import EXPORTERS
+
 LORA_TARGET_NAMES = ("attn", "attn+ff", "all_linear")
 
 
@@ -48,6 +50,9 @@ class TDFTConfig:
     lora_alpha: float = hp(16.0, "LoRA alpha (the adapter is scaled by alpha / rank)", gt=0)
     lora_targets: str = hp("attn", "layers the LoRA trains: attn | attn+ff (the model family's attention / "
                            "feed-forward layers) | all_linear | a regex over layer names")
+    adapter: str = hp("lora", "what a LoRA-mode run trains (ComfyUI's own trainable adapters): lora; loha "
+                      "(LyCORIS Hadamard product, rank r per factor); lokr (LyCORIS Kronecker product, "
+                      "lora_rank is the factor, alpha unused)", choices=("lora", "loha", "lokr"))
     # optimisation
     learning_rate: float = hp(1e-6, "AdamW learning rate (1e-6 SD1.5 and 1e-7 SDXL full; ~1e-4 LoRA)", ge=0)
     weight_decay: float = hp(1e-3, "AdamW weight decay", ge=0)
@@ -81,7 +86,7 @@ class TDFTConfig:
     keep_last: int = hp(3, "how many exported step files to keep (0 = all)", ge=0)
     output_format: str = hp("lora", "file written: lora (LoRA runs), offset (exact weight difference) or "
                             "unet (whole trained UNet); full-mode runs default to offset",
-                            choices=("lora", "offset", "unet"))
+                            choices=EXPORTERS)  # the table itself: a new exporter is a new choice
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,7 +150,8 @@ def describe(name: str) -> str:
 
 
 def choices_of(name: str) -> tuple | None:
-    return _FIELDS[name].metadata.get("choices")
+    choices = _FIELDS[name].metadata.get("choices")
+    return None if choices is None else tuple(choices)
 
 
 def field_types() -> dict[str, type]:

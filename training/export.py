@@ -1,7 +1,8 @@
 """What a run leaves for sampling: the weights file (LoRA, offset or whole UNet) and the negative MODEL.
 
 Formats (one function each in EXPORTERS):
-  lora    kohya keys (`lora_unet_*.lora_down/.lora_up/.alpha`) ComfyUI's LoRA loaders map; LoRA runs
+  lora    the adapter of a LoRA-mode run: kohya keys (`lora_unet_*.lora_down/.lora_up/.alpha`), or for
+          LoHa/LoKr LyCORIS keys under the same names (`.hada_*`, `.lokr_*`); ComfyUI's LoRA loaders map them
   offset  ComfyUI's LoraSave "full_diff" layout, exact, every changed tensor: a layer's weight as
           `diffusion_model.<layer>.diff`, its bias as `<layer>.diff_b`, any other parameter (Wan's
           `modulation`, LTXV's `scale_shift_table`) as `diffusion_model.<parameter>.diff` — the keys
@@ -15,9 +16,8 @@ import datetime
 import json
 from pathlib import Path
 
-import torch
-
-from .atomic_files import save_safetensors
+# torch is imported where it is used: the config reads EXPORTERS for output_format's choices, and the
+# CLI's argument parser must not import torch
 
 
 def _lora(trained, base_model) -> dict:
@@ -31,6 +31,8 @@ def _offset(trained, base_model) -> dict:
 def offset_state_dict(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Diffusion-model key -> change, as the offset format's keys (module docstring); unchanged
     tensors are left out."""
+    import torch
+
     out = {}
     for key, delta in deltas.items():
         if not torch.count_nonzero(delta):
@@ -57,6 +59,8 @@ EXPORTERS = {"lora": _lora, "offset": _offset, "unet": _unet}
 
 
 def export_tensors(trained, base_model, fmt: str) -> dict[str, torch.Tensor]:
+    import torch
+
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}; choose {', '.join(EXPORTERS)}")
     with torch.inference_mode(False), torch.no_grad():
@@ -113,26 +117,40 @@ def metadata(fmt: str, base_model, config, base_hash: str, steps: int, data_kind
         "comfy_selfnpo.data": data_kind,
         "ss_base_model_version": version, "ss_output_name": name, "ss_sd_model_name": model_name,
         "ss_steps": str(steps), "ss_max_train_steps": str(config.steps), "ss_learning_rate": str(config.learning_rate),
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{spec}/{'lora' if fmt == 'lora' else fmt}",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{spec}/{fmt}",
         "modelspec.implementation": "https://github.com/comfy-selfnpo/comfy-selfnpo",
         "modelspec.title": name or "Self-NPO negative model", "modelspec.date": datetime.date.today().isoformat(),
         "modelspec.description": DESCRIPTION.format(fmt=fmt, arch=spec),
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
     }
     if fmt == "lora":
-        meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(config.lora_rank),
-                     "ss_network_alpha": str(config.lora_alpha)})
+        meta.update(adapter_metadata(config))
+    return meta
+
+
+def adapter_metadata(config) -> dict[str, str]:
+    """kohya's network keys; LyCORIS files name their algorithm in ss_network_args as LyCORIS does."""
+    from .adapters import ADAPTERS
+
+    meta = {"ss_network_module": ADAPTERS[config.adapter].network_module, "ss_network_dim": str(config.lora_rank),
+            "ss_network_alpha": str(config.lora_alpha)}
+    if config.adapter != "lora":
+        meta["ss_network_args"] = json.dumps({"algo": config.adapter})
     return meta
 
 
 def write(path, trained, base_model, fmt: str, meta: dict[str, str]) -> Path:
+    from .atomic_files import save_safetensors
+
     return save_safetensors(path, export_tensors(trained, base_model, fmt), meta)
 
 
 def negative_model(base_patcher, trained):
     """A clone of the base MODEL with the trained change as weight patches (and, for parameters
-    ComfyUI does not patch, object patches: npo.model_weights.patch_block_parameters)."""
-    from ..npo.model_weights import patch_block_parameters
+    ComfyUI does not patch, object patches: npo.weights.patch_block_parameters)."""
+    import torch
+
+    from ..npo.weights import patch_block_parameters
 
     with torch.inference_mode(False), torch.no_grad():
         clone = base_patcher.clone()

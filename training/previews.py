@@ -98,7 +98,7 @@ def sample_cfg_and_npo(model, negative_model, clip, vae, prompt: str, seed: int,
 
 
 def side_by_side(cfg_image, npo_image, caption: str = ""):
-    from .run_files import labelled_grid
+    from ..images import labelled_grid
 
     scale = max(1, 256 // max(cfg_image.width, 1))
     return labelled_grid([[cfg_image, npo_image]], ["CFG", "NPO-CFG"], scale=scale)
@@ -158,7 +158,7 @@ def _parse_line(line: str, number: int, path, default_seed: int) -> SamplePrompt
 
 def preview_grid(model, negative_model, clip, vae, prompts: list[SamplePrompt], settings: PreviewSettings):
     """CFG | NPO-CFG side by side, one row per sample prompt, each with its own seed."""
-    from .run_files import labelled_grid
+    from ..images import labelled_grid
 
     rows = [list(sample_cfg_and_npo(model, negative_model, clip, vae, p.prompt, p.seed, p.settings(settings)))
             for p in prompts]

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..images import loss_plot
 from . import run_files
 from .distributed import LocalWorld
 from .errors import NonFiniteLoss, OutOfMemory, TrainingCancelled, TrainingError, comfy_interrupt, out_of_memory
@@ -249,7 +250,7 @@ class TrainingSession:
 
     def _write_logs(self):
         run_files.write_loss_csv(self.paths.loss_csv, self.rows)
-        image = run_files.loss_plot([r["step"] for r in self.rows], [r["loss"] for r in self.rows])
+        image = loss_plot([r["step"] for r in self.rows], [r["loss"] for r in self.rows])
         run_files.save_png(self.paths.loss_png, image)
         return image
 

@@ -4,7 +4,7 @@ with `make_config(preset, **overrides)`.
 """
 from __future__ import annotations
 
-from .config import PRESETS, TDFTConfig, field_types, make_config
+from .config import TDFTConfig, field_types, make_config
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -74,7 +74,6 @@ def parse_overrides(text: str) -> dict:
 
 
 def build_config(preset: str | None, overrides: dict) -> TDFTConfig:
-    """Validated config from a preset and (already typed) overrides; ValueError says what is wrong."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    """Validated config from a preset and (already typed) overrides; ValueError says what is wrong
+    (an unknown preset too: make_config checks it)."""
     return make_config(preset, **check_overrides(overrides))

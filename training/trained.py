@@ -1,5 +1,5 @@
-"""What a TDFT run trains: all weights (`FullWeights`, the paper) or a LoRA adapter (`LoRAWeights`,
-an extension). Chosen once by `make_trained`; the trainer only uses the shared interface:
+"""What a TDFT run trains: all weights (`FullWeights`, the paper) or an adapter — LoRA, LoHa or LoKr,
+ComfyUI's own (`LoRAWeights`, adapters.py; an extension). Chosen once by `make_trained`; the trainer only uses the shared interface:
 
   student_forward / teacher_forward(x, sigma, cond)   x0-predictions (BaseModel.apply_model)
   module, parameters(), may_skip_parameters           what the optimizer and DDP see
@@ -15,8 +15,8 @@ Neither ever changes the caller's MODEL in place:
   * full: the student (and an EMA teacher) are separate float32 copies rebuilt from the model config
     and its state dict (ComfyUI models cannot be deep-copied); the frozen teacher is the loaded model
     itself, used without gradients;
-  * LoRA: adapters hooked into the loaded model only inside `active()`; the frozen teacher is the
-    same model with the adapter off.
+  * LoRA mode: adapters hooked into the loaded model only inside `active()`; the frozen teacher is
+    the same model with the adapter off.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import contextlib
 import torch
 
 from .errors import TrainingError, UnsupportedModel
-from .lora import LoRAAdapters
+from .adapters import AdapterSet
 from .streaming import streamed_layers
 
 
@@ -82,6 +82,12 @@ class FrozenTeacher:
         pass  # the loaded model itself: ComfyUI's model management places it
 
 
+def make_teacher(config, ema_copy):
+    """The teacher `config.teacher` asks for: an EMA of the student over `ema_copy()` (a copy of the
+    student's trained tensors), or the frozen initial model."""
+    return EMATeacher(ema_copy(), config.ema_decay) if config.teacher == "ema" else FrozenTeacher()
+
+
 def make_autograd_safe(module: torch.nn.Module) -> None:
     """Tensors created under torch.inference_mode() (ComfyUI loads models inside it) cannot be saved
     for backward. Swap such parameters/buffers for ordinary clones with identical values."""
@@ -130,7 +136,25 @@ def rebuild_float32(patcher):
     return copy_model
 
 
-class FullWeights:
+class _Trained:
+    """What both kinds share: the optimizer's parameters are `module`'s, the teacher follows them, and
+    a checkpoint holds the student and the teacher."""
+
+    def parameters(self) -> list:
+        return list(self.module.parameters())
+
+    def update_teacher(self) -> None:
+        self.teacher.update(self.parameters())
+
+    def state_dict(self) -> dict:
+        return {"student": _cpu_copy(self.module), "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+
+
+class FullWeights(_Trained):
     """Full fine-tuning (the paper): a float32 student copy of the whole diffusion model."""
     may_skip_parameters = True  # architectures have layers some inputs never reach
 
@@ -138,11 +162,8 @@ class FullWeights:
         self.base_patcher, self.base_model = base_patcher, base_patcher.model
         self.student_model = rebuild_float32(base_patcher)
         self.student_model.diffusion_model.requires_grad_(True).train()
-        if config.teacher == "ema":
-            self.teacher_model = rebuild_float32(base_patcher)
-            self.teacher = EMATeacher(self.teacher_model.diffusion_model, config.ema_decay)
-        else:
-            self.teacher_model, self.teacher = self.base_model, FrozenTeacher()
+        self.teacher_model = rebuild_float32(base_patcher) if config.teacher == "ema" else self.base_model
+        self.teacher = make_teacher(config, lambda: self.teacher_model.diffusion_model)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -155,9 +176,6 @@ class FullWeights:
     def streamed_student_layers(self, device) -> list:
         return []  # the student is its own copy, fully on the device; the loaded model only serves the teacher
 
-    def parameters(self) -> list:
-        return list(self.module.parameters())
-
     def student_forward(self, x, sigma, cond):
         return self.student_model.apply_model(x, sigma, **cond)
 
@@ -167,22 +185,12 @@ class FullWeights:
     def active(self):
         return contextlib.nullcontext()
 
-    def update_teacher(self) -> None:
-        self.teacher.update(self.parameters())
-
     def to(self, device) -> None:
         self.student_model.diffusion_model.to(device)
         self.teacher.to(device)
 
     def own_bytes(self) -> int:
         return _module_bytes(self.module) + self.teacher.own_bytes()
-
-    def state_dict(self) -> dict:
-        return {"student": _cpu_copy(self.module), "teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
 
     @torch.no_grad()
     def weight_deltas(self) -> dict[str, torch.Tensor]:
@@ -201,8 +209,9 @@ class FullWeights:
         return {f"diffusion_model.{k}": ("diff", (d,)) for k, d in self.weight_deltas().items()}
 
 
-class LoRAWeights:
-    """A LoRA adapter on the loaded model (extension): only the adapter's matrices train."""
+class LoRAWeights(_Trained):
+    """An adapter on the loaded model (extension): LoRA, LoHa or LoKr (`config.adapter`, ComfyUI's own
+    trainable adapters, adapters.py); only the adapter's tensors train."""
     may_skip_parameters = False  # every targeted layer runs in every forward pass
 
     def __init__(self, base_patcher, config):
@@ -210,9 +219,9 @@ class LoRAWeights:
         self.base_model = base_model = base_patcher.model
         make_autograd_safe(base_model.diffusion_model)  # its weights join the autograd graph
         with_ema = config.teacher == "ema"
-        self.adapters = LoRAAdapters(base_model.diffusion_model, config.lora_targets, config.lora_rank,
-                                     config.lora_alpha, config.seed, with_ema=with_ema)
-        self.teacher = EMATeacher(self.adapters.ema, config.ema_decay) if with_ema else FrozenTeacher()
+        self.adapters = AdapterSet(base_model.diffusion_model, config.lora_targets, config.lora_rank,
+                                   config.lora_alpha, config.seed, with_ema=with_ema, adapter=config.adapter)
+        self.teacher = make_teacher(config, lambda: self.adapters.ema)
         self._teacher_adapter = "ema" if with_ema else "off"
 
     @property
@@ -226,9 +235,6 @@ class LoRAWeights:
     def streamed_student_layers(self, device) -> list:
         return streamed_layers(self.base_model.diffusion_model, device)  # the student is the loaded model
 
-    def parameters(self) -> list:
-        return list(self.module.parameters())
-
     def student_forward(self, x, sigma, cond):
         with self.adapters.use("student"):
             return self.base_model.apply_model(x, sigma, **cond)
@@ -240,28 +246,18 @@ class LoRAWeights:
     def active(self):
         return self.adapters.attached(self.base_model.diffusion_model)
 
-    def update_teacher(self) -> None:
-        self.teacher.update(self.parameters())
-
     def to(self, device) -> None:
         self.adapters.to(device)
 
     def own_bytes(self) -> int:
         return _module_bytes(self.adapters)
 
-    def state_dict(self) -> dict:
-        return {"student": _cpu_copy(self.module), "teacher": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-
     @torch.no_grad()
     def weight_deltas(self) -> dict[str, torch.Tensor]:
         return {f"{n}.weight": d.cpu() for n, d in self.adapters.weight_deltas().items()}
 
     def lora_tensors(self) -> dict:
-        return self.adapters.kohya_state_dict(self.base_model)
+        return self.adapters.file_state_dict(self.base_model)
 
     def lora_model(self) -> dict:
         """What core's LORA_MODEL output carries: the LoRA."""

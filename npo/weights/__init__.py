@@ -13,10 +13,12 @@ A clone shares its weights with the positive model (ComfyUI patches one nn.Modul
 MODEL this returns must never be sampled side by side with the positive one naively; `npo.guidance`
 handles that (separate copy or batched low-rank residency) and checks it.
 
-Formats (`NPOWeights.format`; one class each in weight_formats.py):
+Formats (`NPOWeights.format`; one class each in weights/formats.py):
   kohya_lora   <stem>.lora_down.weight / .lora_up.weight (+ .alpha); text-encoder keys skipped
   peft_lora    <stem>.lora_A/.lora_B(.weight | .default.weight), .lora.down/.up.weight, ...: PEFT and
                diffusers files, e.g. the authors' Diffusion-NPO releases
+  lycoris      <stem>.hada_w1_a/_w1_b/_w2_a/_w2_b (LoHa), <stem>.lokr_w1/_w2 or their _a/_b pairs (LoKr),
+               + .alpha: LyCORIS files (and the pack's LoHa/LoKr runs); ComfyUI's adapters do the math
   offset       <stem>.diff / <stem>.diff_b: ComfyUI's LoraSave "full_diff" layout
   full_model   a whole UNet or DiT: ComfyUI/ldm keys (bare, "diffusion_model.", "model.diffusion_model.",
                ...; also the original checkpoint names ComfyUI converts on load) or diffusers keys. It
@@ -49,12 +51,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model_weights import effective_weight, patch_block_parameters, unpatched_weight
-from .weight_checks import check_finite, check_lora_layers, check_number_types
-from .weight_formats import FORMAT_BY_NAME, FORMATS, MIN_MATCHED_FRACTION, Resolved, detect_format
-from .weight_keys import is_text_encoder_key
-from .provenance import offset_base_check
-from .weight_report import NPOFormatError, PatchReport, file_name
+from ..provenance import offset_base_check
+from .model import effective_weight, patch_block_parameters, unpatched_weight
+from .checks import check_finite, check_lora_layers, check_number_types
+from .formats import FORMAT_BY_NAME, FORMATS, MIN_MATCHED_FRACTION, Resolved, detect_format
+from .keys import is_text_encoder_key
+from .report import NPOFormatError, PatchReport, file_name
 
 __all__ = [
     "FORMATS", "MIN_MATCHED_FRACTION", "NEGATIVE_ATTACHMENT", "NPOFormatError", "NPOWeights", "NegativeModelInfo",
@@ -119,9 +121,21 @@ def _patch_shape(patch) -> tuple | None:
         if mid is not None or reshape is not None:
             return None
         return (up.shape[0], down[0].numel())
+    if isinstance(patch, weight_adapter.LoHaAdapter) and patch.weights[5] is None:  # no Tucker core
+        w1a, w1b = patch.weights[:2]
+        return (w1a.shape[0], w1b[0].numel())
+    if isinstance(patch, weight_adapter.LoKrAdapter) and patch.weights[7] is None:
+        return _lokr_shape(*patch.weights[:2], *patch.weights[3:7])
     if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff":
         return tuple(patch[1][0].shape)
     return None
+
+
+def _lokr_shape(w1, w2, w1a, w1b, w2a, w2b) -> tuple:
+    """kron(w1, w2) as (out, in·kernel); a factor is whole or a low-rank pair."""
+    out1, in1 = (w1.shape[0], w1.shape[1]) if w1 is not None else (w1a.shape[0], w1b.shape[1])
+    out2, in2 = (w2.shape[0], w2[0].numel()) if w2 is not None else (w2a.shape[0], w2b[0].numel())
+    return (out1 * out2, in1 * in2)
 
 
 def _check_shapes(resolved: Resolved, base_model, source: str) -> None:

@@ -3,7 +3,7 @@
 `resolve` turns a file into ComfyUI weight patches keyed as `ModelPatcher.add_patches` takes them:
 the model key, or (key, offset[, function]) for a slice of a fused weight — diffusers names a fused
 qkv's parts separately, and a part lands on its rows exactly as ComfyUI's own LoRA loader does it.
-Names are looked up in `weight_names.parameter_names` (every naming the pack reads).
+Names are looked up in `names.parameter_names` (every naming the pack reads).
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .weight_keys import (KOHYA_SUFFIXES, LORA_LAYOUTS, LYCORIS_MARKERS, OFFSET_SUFFIXES, is_text_encoder_key,
+from .keys import (KOHYA_SUFFIXES, LORA_LAYOUTS, LYCORIS_ROLES, OFFSET_SUFFIXES, is_text_encoder_key,
                           is_vae_key, lora_role, offset_param)
-from .weight_names import model_shapes, parameter_names
-from .weight_report import NPOFormatError, PatchReport, file_name
-from .weight_target import Target
+from .names import model_shapes, parameter_names
+from .report import NPOFormatError, PatchReport, file_name
+from .target import Target
 
 # A file whose keys mostly miss the model was made for another architecture: refuse it. Below this
 # fraction of matched diffusion-model entries the file is rejected (a correct file matches all).
@@ -48,8 +48,8 @@ def _refuse_poor_match(report: PatchReport, matched_entries: int) -> None:
 
 
 class LayerEntries:
-    """LoRA layers and offsets, in any naming: kohya_lora, peft_lora and offset files (ComfyUI's
-    LoraSave mixes LoRA layers with .diff/.diff_b entries for norms and biases)."""
+    """LoRA layers and offsets, in any naming: kohya_lora, peft_lora, LyCORIS (LoHa/LoKr) and offset
+    files (ComfyUI's LoraSave mixes LoRA layers with .diff/.diff_b entries for norms and biases)."""
 
     def __init__(self, name: str, claims):
         self.name = name
@@ -173,7 +173,7 @@ def _comfy_load_reading(tensors: dict, base_model, shapes: dict) -> tuple[dict, 
 
 
 def _reference_weight(reference, key: str) -> torch.Tensor:
-    from .model_weights import unpatched_weight
+    from .model import unpatched_weight
 
     return unpatched_weight(reference, key)
 
@@ -216,6 +216,10 @@ def _claims_lora(keys) -> bool:
     return any(k.endswith(pair) for k in keys for pair in LORA_LAYOUTS)
 
 
+def _claims_lycoris(keys) -> bool:
+    return any(k.endswith("." + role) for k in keys for role in LYCORIS_ROLES)
+
+
 def _claims_offset(keys) -> bool:
     return any(k.endswith(tuple(OFFSET_SUFFIXES)) for k in keys)
 
@@ -224,6 +228,7 @@ def _claims_offset(keys) -> bool:
 FORMATS = (
     LayerEntries("kohya_lora", _claims_kohya),
     LayerEntries("peft_lora", _claims_lora),
+    LayerEntries("lycoris", _claims_lycoris),  # LoHa / LoKr
     LayerEntries("offset", _claims_offset),
     FullModel(),
 )
@@ -232,14 +237,11 @@ FORMAT_BY_NAME = {f.name: f for f in FORMATS}
 
 def detect_format(keys) -> str:
     keys = [k for k in keys if not is_text_encoder_key(k)]
-    if any(marker in k for k in keys for marker in LYCORIS_MARKERS):
-        raise NPOFormatError("LyCORIS LoHa/LoKr files are not supported as NPO weights; use a LoRA "
-                             "(kohya or PEFT), a .diff offset or a whole diffusion model")
     for fmt in FORMATS:
         if fmt.claims(keys):
             return fmt.name
     sample = ", ".join(sorted(keys)[:5]) or "none"
     raise NPOFormatError(
         "unrecognised NPO weight file: it holds no diffusion-model weights (only text-encoder or VAE "
-        "keys, or nothing); expected a LoRA (lora_down/lora_up or lora_A/lora_B keys), an offset (.diff "
+        "keys, or nothing); expected a LoRA (lora_down/lora_up or lora_A/lora_B keys; LyCORIS hada_*/lokr_* keys), an offset (.diff "
         f"keys) or a whole diffusion model (ComfyUI or diffusers keys). First keys: {sample}")

@@ -6,8 +6,8 @@ from collections import defaultdict
 
 import torch
 
-from .weight_keys import lora_role, offset_param
-from .weight_report import NPOFormatError, file_name
+from .keys import LYCORIS_LAYERS, lora_role, lycoris_algorithm, offset_param
+from .report import NPOFormatError, file_name
 
 _CHUNK = 1 << 24  # elements checked at a time: bounded extra memory on multi-GB files
 
@@ -74,6 +74,9 @@ def check_lora_layers(tensors: dict, source: str, skip=lambda key: False) -> Non
                 "meant is not known. Remove one of them and save the file again.")
         layers[stem][role] = key
     for stem, roles in sorted(layers.items()):
+        if lycoris_algorithm(roles):
+            _check_lycoris_layer(stem, tensors, roles, source)
+            continue
         missing = [role for role in ("up", "down") if role not in roles]
         if missing:
             have = ", ".join(sorted(roles.values()))
@@ -97,3 +100,21 @@ def _check_ranks(stem: str, tensors: dict, roles: dict, source: str) -> None:
                 f"{rank_a} but the {name_b} matrix {tuple(b.shape)} has rank {rank_b}; the ranks must agree. "
                 "The file is damaged or was written by a broken tool: export it again.")
 
+
+
+def _check_lycoris_layer(stem: str, tensors: dict, roles: dict, source: str) -> None:
+    """A LoHa/LoKr layer has every part (LYCORIS_LAYERS) and each low-rank pair's inner ranks agree;
+    ComfyUI's adapters do the rest of the math."""
+    for part in LYCORIS_LAYERS[lycoris_algorithm(roles)]:
+        if not any(all(role in roles for role in alternative) for alternative in part):
+            want = " or ".join("+".join(alternative) for alternative in part)
+            raise NPOFormatError(
+                f"{file_name(source)}: LyCORIS layer '{stem}' has no {want} (it has only "
+                f"{', '.join(sorted(roles))}); the file is incomplete or damaged: export it again.")
+        for pair in part:
+            if len(pair) == 2 and all(role in roles for role in pair):
+                a, b = tensors[roles[pair[0]]], tensors[roles[pair[1]]]
+                if a.ndim < 2 or b.ndim < 1 or a.shape[1] != b.shape[0]:
+                    raise NPOFormatError(
+                        f"{file_name(source)}: LyCORIS layer '{stem}': {pair[0]} {tuple(a.shape)} and {pair[1]} "
+                        f"{tuple(b.shape)} have different inner ranks; the file is damaged: export it again.")

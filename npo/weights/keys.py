@@ -25,11 +25,20 @@ OFFSET_SUFFIXES = {".diff": "weight", ".diff_b": "bias", ".lora_B.bias": "bias"}
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "text_encoders.", "cond_stage_model.",
                          "conditioner.", "clip_l.", "clip_g.", "lora_te1_", "lora_te2_")
 VAE_PREFIXES = ("first_stage_model.", "vae.", "encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-LYCORIS_MARKERS = (".hada_", ".lokr_")
+# LyCORIS LoHa / LoKr layers (ComfyUI's loader reads them with comfy.weight_adapter's LoHa/LoKr adapters,
+# which do the math): algorithm -> the parts a complete layer has, each part one of its alternative
+# sets of entries (LoKr writes a factor whole or as a low-rank pair); Tucker cores are optional extras
+LYCORIS_LAYERS = {
+    "hada": ((("hada_w1_a", "hada_w1_b"),), (("hada_w2_a", "hada_w2_b"),)),
+    "lokr": ((("lokr_w1",), ("lokr_w1_a", "lokr_w1_b")), (("lokr_w2",), ("lokr_w2_a", "lokr_w2_b"))),
+}
+LYCORIS_ROLES = tuple(sorted({role for parts in LYCORIS_LAYERS.values() for part in parts for alt in part
+                              for role in alt} | {"hada_t1", "hada_t2", "lokr_t2"}))
 
 
 def lora_role(key: str) -> tuple[str, str] | None:
-    """(stem, role) of a LoRA entry, role one of down/up/mid/alpha/dora_scale; None otherwise."""
+    """(stem, role) of a LoRA entry, role one of down/up/mid/alpha/dora_scale or a LyCORIS entry's name
+    (hada_w1_a, lokr_w1, ...); None otherwise."""
     for down, up in LORA_LAYOUTS:
         for suffix, role in ((down, "down"), (up, "up")):
             if key.endswith(suffix):
@@ -37,7 +46,15 @@ def lora_role(key: str) -> tuple[str, str] | None:
     for suffix, role in LORA_EXTRAS.items():
         if key.endswith(suffix):
             return key[: -len(suffix)], role
+    for role in LYCORIS_ROLES:
+        if key.endswith("." + role):
+            return key[: -len(role) - 1], role
     return None
+
+
+def lycoris_algorithm(roles) -> str | None:
+    """"hada" (LoHa) or "lokr" (LoKr) when a layer's entries are LyCORIS ones; None otherwise."""
+    return next((algo for algo in LYCORIS_LAYERS if any(r.startswith(algo + "_") for r in roles)), None)
 
 
 def offset_param(key: str) -> tuple[str, str] | None:
