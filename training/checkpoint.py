@@ -49,13 +49,17 @@ _ALGORITHM, _TRAINED, _OPTIMIZER, _DATA = ("the TDFT algorithm", "what is traine
 FIXED = {
     **dict.fromkeys(("grid_size", "truncation_steps", "corruption_guidance", "uncond", "loss", "huber_c",
                      "teacher", "ema_decay"), _ALGORITHM),
-    **dict.fromkeys(("mode", "lora_rank", "lora_alpha", "lora_targets"), _TRAINED),
+    **dict.fromkeys(("mode", "adapter", "lora_rank", "lora_alpha", "lora_targets"), _TRAINED),
     **dict.fromkeys(("optimizer", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "mixed_precision"),
                     _OPTIMIZER),
     "grad_accum": "the effective batch",
     "seed": "the random draws",
     **dict.fromkeys(("resolution", "frames", "fps", "trajectory_buffer"), _DATA),
 }
+
+# Settings added after checkpoint format 2 came out, with the value every run saved before them
+# used: a checkpoint without the key is read as having it, so older runs still resume.
+ADDED_LATER = {"adapter": "lora"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ def check_resumable(saved: dict, now: RunIdentity, allow_data_change: bool = Fal
     """The notices of what this run changes that may change (MAY_CHANGE), or ResumeMismatch naming
     every difference that may not, each with the checkpoint's value and this run's.
     allow_data_change: accept data whose content changed (same kind), e.g. fixed captions."""
-    old, new = saved["config"], now.config
+    old, new = {**ADDED_LATER, **saved["config"]}, now.config
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     both = {k: f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in changed}
     notices = [f"{both[k]} ({MAY_CHANGE[k]})" for k in changed if k in MAY_CHANGE]
