@@ -53,15 +53,24 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------ arguments
 
+def _default_text(name: str) -> str:
+    """What a run uses when the flag is not given: the default preset's value, the model family's
+    recipe (said by describe()), or the TDFT default."""
+    from .config import DEFAULT_PRESET, PRESETS, TDFTConfig, recipe_fields
+
+    if name in PRESETS[DEFAULT_PRESET]:
+        return f"; default {PRESETS[DEFAULT_PRESET][name]} (preset {DEFAULT_PRESET})"
+    return "" if name in recipe_fields() else f"; default {getattr(TDFTConfig(), name)}"
+
+
 def _add_hyperparameter_flags(parser) -> None:
     """One flag per TDFTConfig field; help text and choices come from the field's own description."""
-    from .config import TDFTConfig, choices_of, describe, field_types
+    from .config import choices_of, describe, field_types
 
     hp = parser.add_argument_group("hyper-parameters (TDFTConfig; see README)")
-    defaults = TDFTConfig()
     for name, kind in field_types().items():
         flag = "--" + name.replace("_", "-")
-        text = f"{describe(name)}; TDFT default {getattr(defaults, name)}"
+        text = describe(name) + _default_text(name)
         if kind is bool:
             hp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif choices_of(name):
@@ -78,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="comfy-selfnpo-train",
         description="Train a Self-NPO negative model with truncated diffusion fine-tuning (TDFT), "
                     "using ComfyUI's loaders and memory management, without starting the server.",
-        epilog="Every hyper-parameter flag defaults to the preset's value (or the TDFT default). "
-               "Precedence: flags > --config file > --preset > defaults. Exit status: "
+        epilog="Every hyper-parameter flag defaults to the preset's value, else to the loaded model family's "
+               "recipe (corruption guidance, unconditional input, resolution, crop, learning rate, weight decay: "
+               "the authors' for SD1.x/SD2 and SDXL), else the TDFT default. Precedence: flags > --config file > "
+               "--preset > the family's recipe > defaults; --print-config shows what a run would use. Exit status: "
                + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
     )
     model = parser.add_argument_group("model (loaded with ComfyUI's loaders)")
@@ -94,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data (one of)")
     data.add_argument("--data", help="folder of images (video models: also clips, .mp4/.webm/.gif) with same-name "
                       ".txt captions (kohya layout)")
-    data.add_argument("--prompts", help="text file, one prompt per line (data-free mode)")
+    data.add_argument("--prompts", help="text file, one prompt per line (prompt-only mode, this pack's extension); "
+                      "neither --data nor --prompts: the pack's default list of prompts")
     data.add_argument("--caption-extension", help="caption file extension (default .txt)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", help="run folder: weights, checkpoint, logs, previews (default ./selfnpo-run, "
@@ -116,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CFG scale of the previews and of the demo grid (default 7.0; 1.5 with --demo)")
     run = parser.add_argument_group("run")
     run.add_argument("--config", help="TOML file with any of these options (names with _ or -), for repeatable runs")
-    run.add_argument("--preset", choices=sorted(PRESETS), help=f"hyper-parameter preset (default {DEFAULT_PRESET}, as the "
-                     "training node): sd15/sdxl as published, "
-                     "lora-8gb/12gb/16gb/24gb sized for consumer GPUs")
+    run.add_argument("--preset", choices=sorted(PRESETS), help=f"memory preset (default {DEFAULT_PRESET}, as the "
+                     "training node): sd15/sdxl the authors' published runs (full, 8-bit AdamW, their batch), "
+                     "lora-8gb/12gb/16gb/24gb sized for consumer GPUs; never changes the model family's recipe")
+    run.add_argument("--print-config", action="store_true", default=None,
+                     help="load the model, print the fully resolved configuration as TOML (--config reads it "
+                          "back) and exit")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): the GPU ComfyUI finds, else CPU")
     run.add_argument("--demo", action="store_true", default=None,
                      help="train a Self-NPO negative model of the built-in handwritten-digits model (about two "
@@ -203,8 +218,6 @@ def _check_args(args) -> None:
     if args.data and args.prompts:
         raise UsageError("give either --data DIR or --prompts FILE, not both")
     if not args.demo:
-        if not (args.data or args.prompts):
-            raise UsageError("no training data: pass --data DIR (images + captions) or --prompts FILE")
         if not (args.checkpoint or args.diffusion_model):
             raise UsageError("no model: pass --checkpoint FILE, or --diffusion-model FILE with --text-encoder FILE")
     for name in ("preview_every", "preview_steps"):
@@ -392,6 +405,10 @@ def _data(args, config):
         return PromptList(list(PROMPTS))
     if args.prompts:
         return PromptList(read_prompts_file(args.prompts))
+    if not args.data:
+        from .data import default_prompts
+
+        return default_prompts()
     return ImageCaptionFolder(args.data, config.resolution, caption_extension=args.caption_extension or ".txt")
 
 
@@ -428,7 +445,10 @@ def _session(args, config, paths, stop, world):
     from .previews import PreviewSettings
     from .session import SessionOptions, TrainingSession
 
+    from .recipes import resolve_for_model
+
     loaded = _load(args)
+    config = resolve_for_model(config, loaded.model)  # the model family's recipe where not given
     data = _data(args, config)
     world.main_only(lambda: _say(
         f"{loaded.description}; {len(data)} {'images' if args.data else 'prompts'}; {config.mode} mode, "
@@ -564,6 +584,22 @@ def _exit_code(e: BaseException, stop) -> int:
     raise e
 
 
+def print_config(args) -> int:
+    """--print-config: the configuration a run of these arguments would use, as a --config TOML file."""
+    from .recipes import resolve_for_model
+    from .settings import config_toml
+
+    config = _config_from_args(args)
+    try:
+        config = resolve_for_model(config, _load(args).model)
+    except Exception as e:  # noqa: B902  a model that does not load: its documented exit status
+        return _exit_code(e, StopRequest())
+    skip = {"config", "print_config", "preset", *config.to_dict()}
+    options = {name: value for name, value in vars(args).items() if value is not None and name not in skip}
+    print(config_toml(options, config), end="")
+    return EXIT_OK
+
+
 def run(args) -> int:
     config = _config_from_args(args)
     paths = _run_paths(args, config)
@@ -593,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         restore_logging = _setup_logging(bool(args.verbose))
         _init_comfyui(args.device or "auto", bool(args.verbose))
-        code = run(args)
+        code = print_config(args) if args.print_config else run(args)
     except SystemExit as e:  # argparse: --help (0) or bad flags (2)
         return int(e.code or 0)
     except UsageError as e:

@@ -35,7 +35,10 @@ class LatentStarts:
         items = [order[i] for i in rng.items]
         x0 = self.encoded.latents[items].to(self.device)
         cond = self.encoded.conds(items, self.device)
-        return tdft.noised_start(self.schedule, self.grid, x0, cond, rng, self.steps, self.levels)
+        start = tdft.noised_start(self.schedule, self.grid, x0, cond, rng, self.steps, self.levels)
+        if self.encoded.item_unconds is not None:  # each image's crop in its unconditional input too
+            start.uncond = self.encoded.unconds(len(items), self.device, items)
+        return start
 
     def after_rollout(self, trace, step: int, micro: int) -> None:
         pass

@@ -253,6 +253,7 @@ class StartBatch:
     index: torch.Tensor
     steps: torch.Tensor | int
     cond: dict
+    uncond: dict | None = None  # the rows' own unconditional input (random crops), else the run's
 
 
 def noised_start(schedule: NoiseSchedule, grid: torch.Tensor, x0: torch.Tensor, cond: dict, rng,

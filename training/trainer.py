@@ -169,7 +169,7 @@ class TDFTTrainer:
         self.trained = make_trained(self.base_patcher, config)
         self.geometry = latent_geometry(self.base_model, vae, makes_video(self.family, self.base_model), config.frames)
         self.encoded = encode_data(data, self.base_model, clip, vae, self.geometry, config.resolution, config.fps,
-                                   config.uncond, self.work_dir / "cache", self.log)
+                                   config.uncond, self.work_dir / "cache", self.log, config.crop, config.seed)
         mm.soft_empty_cache()
         self.starts = make_starts(self.encoded, self.schedule, self.grid, config, self.world, self.device, self.levels)
         self._load_base(extra_bytes=3 * self.trained.own_bytes())  # copies + AdamW's two moments
@@ -233,8 +233,8 @@ class TDFTTrainer:
         rng = ItemRandom(c.seed, self.step, micro, self.world.items(c.batch_size))
         start = self.starts.next_batch(rng, self.step, micro)
         with self.world.accumulating(self.student, last=micro == c.grad_accum - 1):
-            trace = tdft.tdft_step(self._denoiser(self.student), teacher, self.schedule, self.grid, start,
-                                   self.encoded.unconds(len(rng), self.device), rng,
+            uncond = start.uncond if start.uncond is not None else self.encoded.unconds(len(rng), self.device)
+            trace = tdft.tdft_step(self._denoiser(self.student), teacher, self.schedule, self.grid, start, uncond, rng,
                                    w=c.corruption_guidance, loss=c.loss, huber_c=c.huber_c, t_max=self.levels.t_max)
             if self.world.any(not bool(torch.isfinite(trace.loss))):
                 raise NonFiniteLoss(self._non_finite_message(trace.loss.item()))
