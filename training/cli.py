@@ -591,11 +591,16 @@ def print_config(args) -> int:
 
     config = _config_from_args(args)
     try:
-        config = resolve_for_model(config, _load(args).model)
+        loaded = _load(args)
+        config = resolve_for_model(config, loaded.model)
     except Exception as e:  # noqa: B902  a model that does not load: its documented exit status
         return _exit_code(e, StopRequest())
     skip = {"config", "print_config", "preset", *config.to_dict()}
     options = {name: value for name, value in vars(args).items() if value is not None and name not in skip}
+    from .families import family_of
+    from .recipes import describe_recipe
+
+    print(f"# {describe_recipe(config, family_of(loaded.model.model))}")
     print(config_toml(options, config), end="")
     return EXIT_OK
 
