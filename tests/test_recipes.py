@@ -66,6 +66,16 @@ def test_the_memory_presets_carry_no_recipe_value_and_each_family_resolves_its_o
         assert family.recipe.why and family.architecture and family.diffusers_family().model_class == family.diffusers
 
 
+def test_each_tiny_model_finds_its_registry_row_and_that_row_names_its_diffusers_table(tiny):
+    from comfy_selfnpo.npo import diffusers_names
+
+    for kind in tiny.KINDS:
+        base = tiny.build_model(kind).model
+        row = family_of(base)
+        assert row.configs, kind  # matched by its config class, not by layer names
+        assert row.diffusers == diffusers_names.family_of(base).model_class, kind
+
+
 def test_sdxl_under_the_default_preset_trains_with_w_minus_5_zeroed_uncond_and_pooled_and_passed_crops(tiny, images,
                                                                                                        tmp_path):
     from comfy_selfnpo.tiny_models import SDXL_POOLED_DIM
@@ -214,4 +224,4 @@ def test_prompt_only_training_without_prompts_uses_the_default_list(files, capsy
     assert data_source("", "", "  \n", make_config()).prompts == default.prompts  # the node, prompts left empty
     code, err = run(capsys, "--checkpoint", files / "tiny.safetensors", *TINY_HPARAMS, "--steps", 1,
                     "--output", tmp_path / "out")
-    assert code == 0 and f"; {len(default)} prompts;" in err
+    assert code == 0 and f"; {len(default)} prompts (the pack's default list);" in err

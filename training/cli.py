@@ -42,7 +42,8 @@ TINY_MODELS_ENV = "COMFY_SELFNPO_TINY_MODELS"
 # two minutes on a laptop CPU.
 DEMO_PRESET = "sd15"
 DEMO_OVERRIDES = dict(steps=300, batch_size=32, grad_accum=1, learning_rate=2e-5, trajectory_buffer=64,
-                      resolution=64, mixed_precision="no", gradient_checkpointing=False, output_format="offset")
+                      resolution=64, mixed_precision="no", gradient_checkpointing=False, output_format="offset",
+                      optimizer="adamw")
 
 log = logging.getLogger("comfy_selfnpo.cli")
 
@@ -443,15 +444,15 @@ def _world(args):
 
 def _session(args, config, paths, stop, world):
     from .previews import PreviewSettings
-    from .session import SessionOptions, TrainingSession
-
     from .recipes import resolve_for_model
+    from .session import SessionOptions, TrainingSession
 
     loaded = _load(args)
     config = resolve_for_model(config, loaded.model)  # the model family's recipe where not given
     data = _data(args, config)
+    what = "images" if args.data else "prompts" if args.prompts or args.demo else "prompts (the pack's default list)"
     world.main_only(lambda: _say(
-        f"{loaded.description}; {len(data)} {'images' if args.data else 'prompts'}; {config.mode} mode, "
+        f"{loaded.description}; {len(data)} {what}; {config.mode} mode, "
         f"{config.steps} steps, {world.describe()}; output {paths.run_dir}"))
     preview = PreviewSettings(steps=args.preview_steps or (10 if args.demo else 20),
                               cfg=_preview_cfg(args), size=config.resolution)

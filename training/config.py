@@ -1,12 +1,15 @@
-"""TDFT hyper-parameters (docs/algorithm.md §3), the published recipes and LoRA presets sized for
-consumer GPUs.
+"""TDFT hyper-parameters (docs/algorithm.md §3) and the memory presets (how a run fits a GPU: the
+authors' published runs and LoRA presets sized for consumer GPUs). The method's recipe per model
+family (w, unconditional input, resolution, ...) is recipes.py's: fields that default to None or
+"auto" take it from the loaded model's family.
 
 Each hyper-parameter is described once, here: its default, its meaning and its allowed values live in
 the field's metadata (`hp(...)`). Validation, the CLI's flags and help, the settings parser and the
 training node's tooltips all read them from there (`describe`, `choices_of`).
 
-`TDFTConfig` is plain data: the trainer, the node and the CLI all build one with `make_config`,
-checkpoints store `to_dict()`, and resuming compares the stored dict with the new one.
+`TDFTConfig` is plain data: the trainer, the node and the CLI all build one with `make_config` and
+resolve it with `recipes.resolve` against the model; checkpoints store the resolved `to_dict()`, and
+resuming compares the stored dict with the new one.
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ class TDFTConfig:
                                       "memory, same gradients)")
     seed: int = hp(0, "seed of every random draw (start levels, noise, LoRA initialisation)",
                    ge=0, lt=2 ** 63)
-    resolution: int = hp(None, "image mode: training resolution in pixels (aspect-aware crop); data-free "
+    resolution: int = hp(None, "image mode: training resolution in pixels (aspect-aware crop); prompt-only "
                          "mode: the size of the generated latents (512 SD1.x/SD2, 1024 SDXL)" + _RECIPE,
                          kind=int, ge=64, multiple_of=8)
     crop: str = hp(AUTO, "image mode: how an image is cut to the square after resizing: center, or random "
@@ -96,7 +99,8 @@ class TDFTConfig:
     expert_boundary: float = hp(0.0, "the sigma (timestep fraction) where Wan 2.2 A14B switches experts; 0 = "
                                 "Wan 2.2's own: 0.875 text-to-video, 0.9 image-to-video", ge=0, lt=1)
     fps: float = hp(16.0, "video clips in the data: the frame rate they are sampled at", gt=0)
-    trajectory_buffer: int = hp(64, "data-free mode: number of buffered teacher trajectories", ge=1)
+    trajectory_buffer: int = hp(64, "prompt-only mode (this pack's extension): number of buffered teacher "
+                                "trajectories", ge=1)
     save_every: int = hp(0, "every N steps: a resumable checkpoint and an exported step file "
                          "<name>-stepNNNNNN.safetensors (0 = only at the end or on stop)", ge=0)
     keep_last: int = hp(3, "how many exported step files to keep (0 = all)", ge=0)

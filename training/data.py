@@ -338,7 +338,7 @@ class LatentDataset:
 
 
 class PromptList:
-    """Data-free mode: prompts only; the trainer builds its own latents from noise (docs/algorithm.md §3)."""
+    """Prompt-only mode (this pack's extension): the trainer builds its own latents from noise (docs/algorithm.md §3)."""
 
     def __init__(self, prompts: list[str]):
         prompts = [p.strip() for p in prompts if p is not None and p.strip()]

@@ -1,4 +1,6 @@
-"""Data-free mode (docs/algorithm.md §3 extension): a buffer of partially denoised teacher trajectories.
+"""Prompt-only mode, this pack's extension (docs/algorithm.md §3; the paper's "data-free" means without
+preference data, its released training starts from real images): a buffer of partially denoised
+teacher trajectories.
 
 Without images there is no x0 to noise to a start level, and starting every step from pure noise
 would only ever train the top of the noise range. Instead each buffer slot is a trajectory state
@@ -35,7 +37,7 @@ class TrajectoryStarts:
         self.encoded, self.schedule, self.grid = encoded, schedule, grid
         self.levels = levels or noise_levels(schedule, grid)
         if self.levels.hi < len(grid) - 1:
-            raise DataError("the low-noise expert of Wan 2.2 A14B cannot train data-free: its rollouts would start "
+            raise DataError("the low-noise expert of Wan 2.2 A14B cannot train from prompts only: its rollouts would start "
                             "from states only the high-noise expert makes; give it images or clips (data folder)")
         self.world, self.device = world, device
         self.seed, self.w = config.seed, config.corruption_guidance
