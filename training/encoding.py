@@ -54,13 +54,13 @@ def encode_data(data, base_model, clip, vae, geometry, resolution: int, fps: flo
         latents = LATENTS[type(data)](data, base_model, vae, geometry, fps, cache_dir, log, at)
         latent_shape = tuple(latents.shape[1:]) if latents is not None else geometry.shape(resolution)
         text = TextEncoder(base_model, clip, latent_shape)
-        unconditional = (lambda extras: text.zeros(extras)) if uncond == "zeros" else (
-            lambda extras: text.prompt("", "negative", extras))
+        def unconditional(extras: dict):
+            return text.zeros(extras) if uncond == "zeros" else text.prompt("", "negative", extras)
         if at is None:
             cache = {caption: text.prompt(caption).as_cond() for caption in dict.fromkeys(data.captions)}
             return EncodedData(latents, [cache[caption] for caption in data.captions],
                                unconditional({}).as_cond(), latent_shape, list(data.repeats))
-        crops = [_crop_extras(data.crop_origin(i, position)) for i, position in enumerate(at)]
+        crops = [_crop_extras(data.crop_origin(i, position)) if position else {} for i, position in enumerate(at)]
         return EncodedData(latents, [text.prompt(c, "positive", e).as_cond() for c, e in zip(data.captions, crops)],
                            unconditional({}).as_cond(), latent_shape, list(data.repeats),
                            [unconditional(e).as_cond() for e in crops])

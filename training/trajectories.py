@@ -37,8 +37,9 @@ class TrajectoryStarts:
         self.encoded, self.schedule, self.grid = encoded, schedule, grid
         self.levels = levels or noise_levels(schedule, grid)
         if self.levels.hi < len(grid) - 1:
-            raise DataError("the low-noise expert of Wan 2.2 A14B cannot train from prompts only: its rollouts would start "
-                            "from states only the high-noise expert makes; give it images or clips (data folder)")
+            raise DataError("the low-noise expert of Wan 2.2 A14B cannot train from prompts only: its rollouts "
+                            "would start from states only the high-noise expert makes; give it images or clips "
+                            "(a data folder)")
         self.world, self.device = world, device
         self.seed, self.w = config.seed, config.corruption_guidance
         self.N, self.K, self.per_process = len(grid), config.truncation_steps, config.batch_size
