@@ -126,4 +126,4 @@ def describe_recipe(config, family) -> str:
     return (f"recipe {family.recipe.name} for {family.name}: w {config.corruption_guidance:g}, unconditional "
             f"input {uncond}, {config.resolution} px{frames}, {config.crop} crop, lr {config.learning_rate:g} "
             f"({config.mode}), weight decay {config.weight_decay:g}, teacher {config.teacher}, {config.loss} loss, "
-            f"{config.mixed_precision} precision{expert}")
+            f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} precision{expert}")
