@@ -203,7 +203,7 @@ def _tdft(name: str, data) -> list[float]:
     # at the benchmark's budget; resolution 64 = the 8x8 latent (data-free mode draws latents of it)
     config = make_config("sd15", steps=b.npo_steps, batch_size=b.npo_batch, grad_accum=1,
                          learning_rate=b.npo_lr, mixed_precision="no", resolution=64,
-                         trajectory_buffer=b.npo_buffer, seed=b.data_seed, output_format="offset")
+                         trajectory_buffer=b.npo_buffer, seed=b.data_seed, output_format="offset", optimizer="adamw")
     model, clip, _conds = base()
     trainer = TDFTTrainer(model, clip, None, data, config, Path(setup.work_dir) / name, log=lambda m: None)
     result = trainer.train()

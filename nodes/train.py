@@ -10,7 +10,10 @@ start over with the earlier run's files moved aside, or continue with changed da
 The preset's values travel with the node definition (`extra_dict` of the preset combo); the pack's
 frontend extension (web/selfnpo_train_presets.js) shows them in steps / learning_rate / lora_rank /
 teacher when a preset is picked. 0 (and teacher "preset") still means "the preset's value", so
-workflows saved before keep working.
+workflows saved before keep working. A preset is a memory preset: the method's recipe (corruption
+guidance, unconditional input, resolution, learning rate) comes from the connected model's family
+(training/recipes.py); the resolution and corruption_guidance widgets override it (0 = the recipe's),
+and the node shows the resolved recipe before training starts.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 from comfy_api.latest import io, ui
 
 from ..training.config import DEFAULT_PRESET, PRESETS, TDFTConfig, choices_of, describe
+from ..training.recipes import LORA_LEARNING_RATE
 
 log = logging.getLogger("comfy_selfnpo")
 
@@ -35,9 +39,16 @@ ON_EXISTING_RUN = {
 
 
 def preset_widget_values() -> dict[str, dict]:
-    """Per preset: the values the node's widgets show for it (the preset's, else the TDFT default)."""
+    """Per preset: the values the node's widgets show for it (the preset's, else the TDFT default;
+    0 where the model family's recipe decides, e.g. the learning rate)."""
     defaults = TDFTConfig()
-    return {name: {w: values.get(w, getattr(defaults, w)) for w in PRESET_WIDGETS} for name, values in PRESETS.items()}
+
+    def shown(values, widget):
+        value = values.get(widget, getattr(defaults, widget))
+        if widget == "learning_rate" and value is None and values.get("mode") == "lora":
+            return LORA_LEARNING_RATE  # a LoRA's rate is the same for every family
+        return 0 if value is None else value
+    return {name: {w: shown(values, w) for w in PRESET_WIDGETS} for name, values in PRESETS.items()}
 
 
 def input_subfolders() -> list[str]:
@@ -63,12 +74,17 @@ def run_paths(name: str):
     return RunPaths(run_dir=run_dir, weights=Path(self_npo_output_dir()) / f"{name}.safetensors"), name
 
 
-def collect_overrides(steps, learning_rate, lora_rank, teacher, seed, save_every, overrides_text) -> dict:
-    """The node's knobs over the preset: 0 / "preset" keep the preset's value; the overrides text
-    (key = value lines) wins over everything."""
+def collect_overrides(steps, learning_rate, lora_rank, teacher, seed, save_every, overrides_text, resolution=0,
+                      corruption_guidance=0.0) -> dict:
+    """The node's knobs over the preset and the model family's recipe: 0 / "preset" keep the preset's
+    (or the recipe's) value; the overrides text (key = value lines) wins over everything."""
     from ..training.settings import parse_overrides
 
     values = {"seed": seed, "save_every": save_every}
+    if resolution:
+        values["resolution"] = resolution
+    if corruption_guidance:
+        values["corruption_guidance"] = corruption_guidance
     if steps:
         values["steps"] = steps
     if learning_rate:
@@ -82,10 +98,11 @@ def collect_overrides(steps, learning_rate, lora_rank, teacher, seed, save_every
 
 
 def data_source(input_folder: str, data_folder: str, prompts: str, config):
-    """The training data: a folder under input/ or any path (not both), else the prompts (data-free)."""
+    """The training data: a folder under input/ or any path (not both), else the prompts (prompt-only),
+    else the pack's default prompt list."""
     import folder_paths
 
-    from ..training.data import ImageCaptionFolder, PromptList
+    from ..training.data import ImageCaptionFolder, PromptList, default_prompts
 
     input_folder, data_folder = (input_folder or "").strip(), (data_folder or "").strip()
     if input_folder and data_folder:
@@ -94,15 +111,22 @@ def data_source(input_folder: str, data_folder: str, prompts: str, config):
         data_folder = str(Path(folder_paths.get_input_directory()) / input_folder)
     if data_folder:
         return ImageCaptionFolder(data_folder, config.resolution)
+    if not (prompts or "").strip():
+        return default_prompts()
     return PromptList((prompts or "").splitlines())
 
 
-_PRESET_HELP = ("sd15/sdxl: the authors' published full fine-tuning recipes; lora-*: a LoRA sized for 8/12/16/24 GB "
-                "GPUs (frozen base as teacher; attention layers and precision chosen per model family). Picking a "
-                "preset fills in steps, learning_rate, lora_rank and teacher.")
+_PRESET_HELP = ("A memory preset: how the run fits a GPU. sd15/sdxl: the authors' published full fine-tuning runs "
+                "(8-bit AdamW, their batch); lora-*: a LoRA sized for 8/12/16/24 GB GPUs (attention layers and "
+                "precision chosen per model family). The method's recipe (corruption guidance, unconditional input, "
+                "resolution, learning rate) always comes from the connected model's family. Picking a preset fills "
+                "in steps, learning_rate, lora_rank and teacher.")
+_AUTO = " 0 = the model family's recipe (shown before training starts)."
 
 
 def _inputs() -> list:
+    from ..training.data import default_prompts
+
     preset_value = "; picking a preset fills in its value (0 or 'preset' = the preset's)."
     return [
         io.Model.Input("model", tooltip="The model to train the negative of (never changed in place)."),
@@ -110,10 +134,13 @@ def _inputs() -> list:
         io.String.Input("data_folder", default="",
                         tooltip="Training data anywhere on disk (a path; or pick a folder of ComfyUI's input/ with "
                                 "input_folder): images (video models: also clips) with same-name .txt captions, "
-                                "kohya layout ('10_name' sub-folders repeat 10 times). Empty: data-free from the "
-                                "prompts below."),
+                                "kohya layout ('10_name' sub-folders repeat 10 times). Empty: prompt-only (this "
+                                "pack's extension) from the prompts below."),
         io.String.Input("prompts", default="a photo of a cat\na landscape painting\na portrait of a person",
-                        multiline=True, tooltip="Data-free mode (no data folder): one prompt per line."),
+                        multiline=True, tooltip=f"Prompt-only mode (no data folder; this pack's extension: the authors "
+                                                "start every rollout from real images): one prompt per line. Empty: "
+                                                f"the pack's default list of {len(default_prompts())} prompts. A few hundred "
+                                                "varied prompts (or images) cover what the model makes."),
         io.Combo.Input("preset", options=list(PRESETS), default=DEFAULT_PRESET, tooltip=_PRESET_HELP,
                        extra_dict={"selfnpo_presets": preset_widget_values()}),
         io.Int.Input("steps", default=0, min=0, max=1_000_000, tooltip=describe("steps") + preset_value),
@@ -127,12 +154,6 @@ def _inputs() -> list:
         io.String.Input("output_name", default="self_npo_negative",
                         tooltip="File name in models/self_npo (no extension). Running again with the same name "
                                 "resumes that run (see on_existing_run)."),
-        io.Combo.Input("on_existing_run", options=list(ON_EXISTING_RUN), default="continue", optional=True,
-                       tooltip="When a run of this name exists: continue it (changed steps, learning rate or "
-                               "save cadence apply from its last step; other changed settings are refused, "
-                               "naming them); start_over (its files are moved to <name>-old-<date-time>, "
-                               "nothing is deleted); or continue_with_changed_data (continue although the "
-                               "images, captions or prompts changed)."),
         io.Int.Input("save_every", default=TDFTConfig().save_every, min=0, max=1_000_000, advanced=True,
                      tooltip=describe("save_every") + "; step files go to models/self_npo."),
         io.Int.Input("preview_every", default=0, min=0, max=1_000_000, advanced=True,
@@ -146,6 +167,17 @@ def _inputs() -> list:
         io.Combo.Input("input_folder", options=input_subfolders(), default="", optional=True,
                        tooltip="Training data picked from the folders of ComfyUI's input/ (instead of a "
                                "data_folder path); empty: none."),
+        # last, so workflows saved before keep their widget values in place
+        io.Int.Input("resolution", default=0, min=0, max=4096, step=8, optional=True,
+                     tooltip=describe("resolution") + "." + _AUTO),
+        io.Float.Input("corruption_guidance", default=0.0, min=-20.0, max=20.0, step=0.5, optional=True,
+                       tooltip=describe("corruption_guidance") + "." + _AUTO),
+        io.Combo.Input("on_existing_run", options=list(ON_EXISTING_RUN), default="continue", optional=True,
+                       tooltip="When a run of this name exists: continue it (changed steps, learning rate or "
+                               "save cadence apply from its last step; other changed settings are refused, "
+                               "naming them); start_over (its files are moved to <name>-old-<date-time>, "
+                               "nothing is deleted); or continue_with_changed_data (continue although the "
+                               "images, captions or prompts changed)."),
     ]
 
 
@@ -217,15 +249,18 @@ class SelfNPOTrainTDFT(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, data_folder, prompts, preset, steps, learning_rate, lora_rank, teacher, seed,
                 output_name, save_every, preview_every, overrides="", vae=None, input_folder="",
-                on_existing_run="continue") -> io.NodeOutput:
+                on_existing_run="continue", resolution=0, corruption_guidance=0.0) -> io.NodeOutput:
+        from ..training.recipes import resolve_for_model
         from ..training.settings import build_config
 
         paths, name = run_paths(output_name)
         try:
-            config = build_config(preset, collect_overrides(steps, learning_rate, lora_rank, teacher, seed,
-                                                            save_every, overrides or ""))
+            config = resolve_for_model(build_config(preset, collect_overrides(
+                steps, learning_rate, lora_rank, teacher, seed, save_every, overrides or "", resolution,
+                corruption_guidance)), model)
         except ValueError as e:
             raise ValueError(f"Self-NPO Train: {e}") from None
+        show_recipe(model, config)
         data = data_source(input_folder, data_folder, prompts, config)
         trainer, result = _train(model, clip, vae, data, config, paths, name, preview_every, seed, on_existing_run)
         _refresh_loader_list()
@@ -241,7 +276,8 @@ def _train(model, clip, vae, data, config, paths, name, preview_every, seed, on_
     progress = NodeProgress(config.steps)
     options = SessionOptions(**ON_EXISTING_RUN[on_existing_run], preview_every=preview_every, preview_seed=seed, on_step=progress.step,
                              on_preview=progress.preview, should_stop=progress.should_stop,
-                             on_prepare=progress.prepare, extra_summary={"node": "SelfNPOTrainTDFT", "name": name})
+                             on_prepare=progress.prepare, extra_summary={"node": "SelfNPOTrainTDFT", "name": name,
+                                                                         "recipe": recipe_text(model, config)})
     session = TrainingSession(model, clip, vae, data, config, paths, options)
     try:
         trainer = session.prepare()
@@ -268,12 +304,35 @@ _MISMATCH_HINT = {  # by ResumeMismatch.data_only
 }
 
 
+def recipe_text(model, config) -> str:
+    from ..training.families import family_of
+    from ..training.recipes import describe_recipe
+
+    return describe_recipe(config, family_of(model.model))
+
+
+def show_recipe(model, config) -> None:
+    """The resolved recipe, before training starts: in the log and as the node's progress text."""
+    text = recipe_text(model, config)
+    log.info("Self-NPO Train: %s", text)
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+
+        context = get_executing_context()
+        if context is not None and getattr(PromptServer, "instance", None) is not None:
+            PromptServer.instance.send_progress_text(text, context.node_id)
+    except (ImportError, AttributeError):  # headless use or an older ComfyUI: the log has it
+        pass
+
+
 def run_report(result) -> str:
     """What the node shows under its outputs when the run is done."""
     s = result.summary
     loss = f"{s['final_loss']:.4g}" if s.get("final_loss") is not None else "-"
     resumed = f", resumed from step {s['resumed_from_step']}" if s.get("resumed_from_step") is not None else ""
-    return (f"{s['step']}/{s['steps']} steps{resumed} in {s['seconds']:.0f} s, final loss {loss}\n"
+    recipe = f"{s['recipe']}\n" if s.get("recipe") else ""
+    return (f"{recipe}{s['step']}/{s['steps']} steps{resumed} in {s['seconds']:.0f} s, final loss {loss}\n"
             f"weights: {Path(result.weights).name} (models/self_npo)\nrun files: {Path(s['paths']['loss_csv']).parent}")
 
 

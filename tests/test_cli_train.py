@@ -231,9 +231,11 @@ def test_cli_defaults_to_lora_12gb_writes_sample_prompt_rows_and_tensorboard_and
     assert proc.returncode == 0, proc.stderr
     config = summary(out)["config"]
     preset = PRESETS[DEFAULT_PRESET]
-    for name in ("lora_rank", "lora_alpha", "lora_targets", "learning_rate", "huber_c", "grid_size", "teacher"):
+    for name in ("lora_rank", "lora_alpha", "lora_targets", "mode", "output_format"):
         assert config[name] == preset[name], name
     assert config["batch_size"] == 1 and DEFAULT_PRESET == "lora-12gb"
+    # the recipe from the model's family (SD1.5): w, unconditional input; a LoRA's learning rate
+    assert (config["corruption_guidance"], config["uncond"], config["learning_rate"]) == (-1.0, "empty_prompt", 1e-4)
     for noise in ("torchaudio", "comfy_kitchen", "Traceback"):
         assert noise not in proc.stderr, proc.stderr
 

@@ -326,6 +326,7 @@ def test_registry_archive_ships_the_pack_and_leaves_out_tests_bench_ci_and_scrip
     assert not [n for n in names if n.startswith("workflows/") and n.endswith(".py")], "the generator stays out"
     for needed in ("__init__.py", "LICENSE", "README.md", "pyproject.toml", "requirements.txt", "model_folders.py",
                    "comfyui_env.py", "tiny_models/__init__.py", "nodes/__init__.py", "npo/weights/__init__.py", "training/cli.py",
+                   "training/default_prompts.txt",
                    "docs/algorithm.md", "docs/images/icon.png"):
         assert needed in names, needed
     templates = sorted(n for n in names if n.startswith("example_workflows/") and n.endswith(".json"))

@@ -153,7 +153,7 @@ def test_the_demo_repeats_the_benchmark_s_negative_model_and_sampling():
     config = build_config(cli.DEMO_PRESET, cli.DEMO_OVERRIDES)
     assert (config.steps, config.batch_size * config.grad_accum, config.learning_rate, config.trajectory_buffer) == (
         budget.npo_steps, budget.npo_batch, budget.npo_lr, budget.npo_buffer)
-    assert config.mode == "full" and config.resolution == 64  # the 8x8 digit latent
+    assert config.mode == "full" and config.resolution == 64 and config.optimizer == "adamw"  # the 8x8 digit latent
     assert demo.DEMO_CFG in budget.guidance_scales
     assert (demo.DEMO_PER_CLASS, demo.DEMO_SAMPLING_STEPS) == (budget.per_class, budget.sampling_steps)
 

@@ -110,6 +110,8 @@ def test_train_node_in_a_workflow_feeds_the_guider(comfy_registry, comfy_dirs, t
     assert f"self_npo/{NAME}.safetensors" in list_npo_files()
     s = summary(comfy_dirs)
     assert s["status"] == "finished" and s["step"] == 3 and s["paths"]["weights"] == str(weights)
+    # the resolved recipe the node showed before training (the model family's, with the overrides' size)
+    assert s["recipe"].startswith("recipe SD1.5 (authors) for SD1.x: w -1, unconditional input the empty prompt, 64 px")
     assert not list(comfy_dirs["self_npo"].rglob("*.pt"))  # checkpoints stay out of the models folder
     assert (run_dir(comfy_dirs) / "checkpoint" / "state.pt").is_file()
 

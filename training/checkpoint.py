@@ -48,18 +48,18 @@ _ALGORITHM, _TRAINED, _OPTIMIZER, _DATA = ("the TDFT algorithm", "what is traine
                                            "the optimizer whose state was saved", "the data")
 FIXED = {
     **dict.fromkeys(("grid_size", "truncation_steps", "corruption_guidance", "uncond", "loss", "huber_c",
-                     "teacher", "ema_decay"), _ALGORITHM),
+                     "teacher", "ema_decay", "expert", "expert_boundary"), _ALGORITHM),
     **dict.fromkeys(("mode", "adapter", "lora_rank", "lora_alpha", "lora_targets"), _TRAINED),
     **dict.fromkeys(("optimizer", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "mixed_precision"),
                     _OPTIMIZER),
     "grad_accum": "the effective batch",
     "seed": "the random draws",
-    **dict.fromkeys(("resolution", "frames", "fps", "trajectory_buffer"), _DATA),
+    **dict.fromkeys(("resolution", "crop", "frames", "fps", "trajectory_buffer"), _DATA),
 }
 
 # Settings added after checkpoint format 2 came out, with the value every run saved before them
 # used: a checkpoint without the key is read as having it, so older runs still resume.
-ADDED_LATER = {"adapter": "lora"}
+ADDED_LATER = {"adapter": "lora", "crop": "center", "expert": "none", "expert_boundary": 0.0}
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ TINY_MODELS_ENV = "COMFY_SELFNPO_TINY_MODELS"
 # two minutes on a laptop CPU.
 DEMO_PRESET = "sd15"
 DEMO_OVERRIDES = dict(steps=300, batch_size=32, grad_accum=1, learning_rate=2e-5, trajectory_buffer=64,
-                      resolution=64, mixed_precision="no", gradient_checkpointing=False, output_format="offset")
+                      resolution=64, mixed_precision="no", gradient_checkpointing=False, output_format="offset",
+                      optimizer="adamw")
 
 log = logging.getLogger("comfy_selfnpo.cli")
 
@@ -59,15 +60,24 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------ arguments
 
+def _default_text(name: str) -> str:
+    """What a run uses when the flag is not given: the default preset's value, the model family's
+    recipe (said by describe()), or the TDFT default."""
+    from .config import DEFAULT_PRESET, PRESETS, TDFTConfig, recipe_fields
+
+    if name in PRESETS[DEFAULT_PRESET]:
+        return f"; default {PRESETS[DEFAULT_PRESET][name]} (preset {DEFAULT_PRESET})"
+    return "" if name in recipe_fields() else f"; default {getattr(TDFTConfig(), name)}"
+
+
 def _add_hyperparameter_flags(parser) -> None:
     """One flag per TDFTConfig field; help text and choices come from the field's own description."""
-    from .config import TDFTConfig, choices_of, describe, field_types
+    from .config import choices_of, describe, field_types
 
     hp = parser.add_argument_group("hyper-parameters (TDFTConfig; see README)")
-    defaults = TDFTConfig()
     for name, kind in field_types().items():
         flag = "--" + name.replace("_", "-")
-        text = f"{describe(name)}; TDFT default {getattr(defaults, name)}"
+        text = describe(name) + _default_text(name)
         if kind is bool:
             hp.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif choices_of(name):
@@ -84,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="comfy-selfnpo-train",
         description="Train a Self-NPO negative model with truncated diffusion fine-tuning (TDFT), "
                     "using ComfyUI's loaders and memory management, without starting the server.",
-        epilog="Every hyper-parameter flag defaults to the preset's value (or the TDFT default). "
-               "Precedence: flags > --config file > --preset > defaults. Exit status: "
+        epilog="Every hyper-parameter flag defaults to the preset's value, else to the loaded model family's "
+               "recipe (corruption guidance, unconditional input, resolution, crop, learning rate, weight decay: "
+               "the authors' for SD1.x/SD2 and SDXL), else the TDFT default. Precedence: flags > --config file > "
+               "--preset > the family's recipe > defaults; --print-config shows what a run would use. Exit status: "
                + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
     )
     model = parser.add_argument_group("model (loaded with ComfyUI's loaders)")
@@ -100,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data (one of)")
     data.add_argument("--data", help="folder of images (video models: also clips, .mp4/.webm/.gif) with same-name "
                       ".txt captions (kohya layout)")
-    data.add_argument("--prompts", help="text file, one prompt per line (data-free mode)")
+    data.add_argument("--prompts", help="text file, one prompt per line (prompt-only mode, this pack's extension); "
+                      "neither --data nor --prompts: the pack's default list of prompts")
     data.add_argument("--caption-extension", help="caption file extension (default .txt)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", help="run folder: weights, checkpoint, logs, previews (default ./selfnpo-run, "
@@ -123,9 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CFG scale of the previews and of the demo grid (default 7.0; 1.5 with --demo)")
     run = parser.add_argument_group("run")
     run.add_argument("--config", help="TOML file with any of these options (names with _ or -), for repeatable runs")
-    run.add_argument("--preset", choices=sorted(PRESETS), help=f"hyper-parameter preset (default {DEFAULT_PRESET}, as the "
-                     "training node): sd15/sdxl as published, "
-                     "lora-8gb/12gb/16gb/24gb sized for consumer GPUs")
+    run.add_argument("--preset", choices=sorted(PRESETS), help=f"memory preset (default {DEFAULT_PRESET}, as the "
+                     "training node): sd15/sdxl the authors' published runs (full, 8-bit AdamW, their batch), "
+                     "lora-8gb/12gb/16gb/24gb sized for consumer GPUs; never changes the model family's recipe")
+    run.add_argument("--print-config", action="store_true", default=None,
+                     help="load the model, print the fully resolved configuration as TOML (--config reads it "
+                          "back) and exit")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto (default): the GPU ComfyUI finds, else CPU")
     run.add_argument("--demo", action="store_true", default=None,
                      help="train a Self-NPO negative model of the built-in handwritten-digits model (about two "
@@ -375,6 +391,7 @@ class OwnModelRun:
     output = "selfnpo-run"      # default run folder
     overrides: dict = {}        # hyper-parameters under the flags (the demo's budget)
     preview_steps = 20
+    default_data = "prompts (the pack's default list)"  # what trains without --data or --prompts
 
     @property
     def preset(self) -> str:
@@ -383,8 +400,6 @@ class OwnModelRun:
         return DEFAULT_PRESET
 
     def check(self, args) -> None:
-        if not (args.data or args.prompts):
-            raise UsageError("no training data: pass --data DIR (images + captions) or --prompts FILE")
         if not (args.checkpoint or args.diffusion_model):
             raise UsageError("no model: pass --checkpoint FILE, or --diffusion-model FILE with --text-encoder FILE")
 
@@ -408,6 +423,7 @@ class DemoRun(OwnModelRun):
     preset = DEMO_PRESET
     overrides = DEMO_OVERRIDES
     preview_steps = 10
+    default_data = "prompts (the digits model's)"
 
     def check(self, args) -> None:
         pass  # the model is built in, and so are the prompts
@@ -480,6 +496,10 @@ def _data(args, config):
 
     if args.prompts:
         return PromptList(read_prompts_file(args.prompts))
+    if not args.data:
+        from .data import default_prompts
+
+        return default_prompts()
     return ImageCaptionFolder(args.data, config.resolution, caption_extension=args.caption_extension or ".txt")
 
 
@@ -514,13 +534,16 @@ def _world(args):
 
 def _session(args, config, paths, stop, world):
     from .previews import PreviewSettings
+    from .recipes import resolve_for_model
     from .session import SessionOptions, TrainingSession
 
     setup = run_setup(args)
     loaded = setup.load(args)
+    config = resolve_for_model(config, loaded.model)  # the model family's recipe where not given
     data = setup.data(args, config)
+    what = "images" if args.data else "prompts" if args.prompts else setup.default_data
     world.main_only(lambda: _say(
-        f"{loaded.description}; {len(data)} {'images' if args.data else 'prompts'}; {config.mode} mode, "
+        f"{loaded.description}; {len(data)} {what}; {config.mode} mode, "
         f"{config.steps} steps, {world.describe()}; output {paths.run_dir}"))
     preview = PreviewSettings(steps=args.preview_steps or setup.preview_steps,
                               cfg=args.preview_cfg if args.preview_cfg is not None else setup.preview_cfg(),
@@ -693,6 +716,25 @@ def _exit_code(e: BaseException, stop) -> int:
     raise e
 
 
+def print_config(args) -> int:
+    """--print-config: the configuration a run of these arguments would use, as a --config TOML file."""
+    from .families import family_of
+    from .recipes import describe_recipe, resolve_for_model
+    from .settings import config_toml
+
+    config = _config_from_args(args)
+    try:
+        loaded = run_setup(args).load(args)
+        config = resolve_for_model(config, loaded.model)
+    except Exception as e:  # noqa: B902  a model that does not load: its documented exit status
+        return _exit_code(e, StopRequest())
+    skip = {"config", "print_config", "preset", *config.to_dict()}
+    options = {name: value for name, value in vars(args).items() if value is not None and name not in skip}
+    print(f"# {describe_recipe(config, family_of(loaded.model.model))}")
+    print(config_toml(options, config), end="")
+    return EXIT_OK
+
+
 def run(args, stop: StopRequest) -> int:
     config = _config_from_args(args)
     paths = _run_paths(args, config)
@@ -719,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         restore_logging = _setup_logging(bool(args.verbose))
         _init_comfyui(args.device or "auto", bool(args.verbose))
-        code = run(args, stop)
+        code = print_config(args) if args.print_config else run(args, stop)
     except SystemExit as e:  # argparse: --help (0) or bad flags (2)
         return int(e.code or 0)
     except UsageError as e:

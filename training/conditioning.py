@@ -54,9 +54,10 @@ class TextEncoder:
     def __init__(self, base_model, clip, latent_shape):
         self.base_model, self.clip, self.latent_shape = base_model, clip, tuple(latent_shape)
 
-    def conditioning(self, text: str) -> list:
-        """CONDITIONING for `text`, as CLIPTextEncode makes it."""
-        return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+    def conditioning(self, text: str, extras: dict | None = None) -> list:
+        """CONDITIONING for `text`, as CLIPTextEncode makes it (plus `extras`, e.g. SDXL's crop_w/crop_h)."""
+        encoded = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+        return [[c, {**options, **(extras or {})}] for c, options in encoded]
 
     def model_inputs(self, conditioning: list, prompt_type: str = "positive") -> ModelInputs:
         """A CONDITIONING's first entry (a prompt schedule's start) as apply_model inputs."""
@@ -77,13 +78,13 @@ class TextEncoder:
                 out.constants[name] = value
         return out
 
-    def prompt(self, text: str, prompt_type: str = "positive") -> ModelInputs:
-        return self.model_inputs(self.conditioning(text), prompt_type)
+    def prompt(self, text: str, prompt_type: str = "positive", extras: dict | None = None) -> ModelInputs:
+        return self.model_inputs(self.conditioning(text, extras), prompt_type)
 
-    def zeros(self) -> ModelInputs:
+    def zeros(self, extras: dict | None = None) -> ModelInputs:
         """The SDXL recipe's unconditional input: the empty prompt's encoding with its text embeddings
-        (and pooled vector) zeroed."""
+        (and pooled vector) zeroed; its micro-conditioning (sizes, crop) kept, as the authors keep it."""
         conditioning = [[torch.zeros_like(c), {k: torch.zeros_like(v) if k == "pooled_output" and torch.is_tensor(v)
-                                                else v for k, v in extras.items()}]
-                        for c, extras in self.conditioning("")]
+                                                else v for k, v in options.items()}]
+                        for c, options in self.conditioning("", extras)]
         return self.model_inputs(conditioning, "negative")

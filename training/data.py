@@ -78,20 +78,35 @@ def to_rgb(image):
 
 
 def center_crop_resize(image, resolution: int) -> torch.Tensor:
-    """Aspect-aware crop as the authors' data pipeline does it (Resize(res) then CenterCrop(res)):
+    """Aspect-aware crop as the authors' SD1.5 data pipeline does it (Resize(res) then CenterCrop(res)):
     scale so the *shorter* side equals `resolution` (no distortion), then cut the centred square.
     `image` is a PIL image; returns ComfyUI's IMAGE layout, float [res, res, 3] in [0, 1]."""
+    return crop_resize(image, resolution)[0]
+
+
+def crop_box(w: int, h: int, resolution: int, at: tuple[float, float] | None = None) -> tuple[int, int, int, int]:
+    """(resized width, resized height, top, left) of crop_resize's cut of a w × h image."""
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    room_w, room_h = new_w - resolution, new_h - resolution
+    if at is None:
+        return new_w, new_h, room_h // 2, room_w // 2
+    return new_w, new_h, min(int(at[1] * (room_h + 1)), room_h), min(int(at[0] * (room_w + 1)), room_w)
+
+
+def crop_resize(image, resolution: int, at: tuple[float, float] | None = None):
+    """Scale so the shorter side equals `resolution`, then cut the square: the centred one, or the one
+    at `at` (fractions in [0, 1) of the positions left and top: a random draw for the authors' SDXL
+    RandomCrop, which picks any of them uniformly).
+    Returns (float [res, res, 3] in [0, 1], (top, left) in pixels: SDXL's crop micro-conditioning)."""
     import numpy as np
     from PIL import Image
 
     image = to_rgb(image)
-    w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    new_w, new_h, top, left = crop_box(*image.size, resolution, at)
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0), (top, left)
 
 
 def find_images(folder: Path, recursive: bool = True, extensions=MEDIA_EXTENSIONS) -> list[Path]:
@@ -179,8 +194,21 @@ class ImageCaptionFolder:
     def has_clips(self) -> bool:
         return any(item.is_clip for item in self.items)
 
-    def load_image(self, index: int) -> torch.Tensor:
+    def load_image(self, index: int, at: tuple[float, float] | None = None) -> torch.Tensor:
         """Image `index` cropped to the training resolution: float [res, res, 3] in [0, 1]."""
+        return self.load_cropped(index, at)[0]
+
+    def crop_origin(self, index: int, at: tuple[float, float] | None = None) -> tuple[int, int]:
+        """(top, left) of the cut load_cropped makes, from the file's header (size, EXIF orientation)."""
+        from PIL import Image
+
+        with Image.open(self.items[index].path) as im:
+            w, h = im.size
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # rotated by 90°: exif_transpose swaps the sides
+        return crop_box(*((h, w) if turned else (w, h)), self.resolution, at)[2:]
+
+    def load_cropped(self, index: int, at: tuple[float, float] | None = None):
+        """(image `index` cut at `at` as crop_resize cuts it, (top, left) of the cut)."""
         from PIL import Image
 
         item = self.items[index]
@@ -188,7 +216,7 @@ class ImageCaptionFolder:
             return read_clip(item.path, 1, 1.0, self.resolution)[0]
         try:
             with Image.open(item.path) as im:
-                return center_crop_resize(im, self.resolution)
+                return crop_resize(im, self.resolution, at)
         except Exception as e:
             raise DataError(f"cannot read training image {str(item.path)!r}: {e}") from e
 
@@ -339,7 +367,7 @@ class LatentDataset:
 
 
 class PromptList:
-    """Data-free mode: prompts only; the trainer builds its own latents from noise (docs/algorithm.md §3)."""
+    """Prompt-only mode (this pack's extension): the trainer builds its own latents from noise (docs/algorithm.md §3)."""
 
     def __init__(self, prompts: list[str]):
         prompts = [p.strip() for p in prompts if p is not None and p.strip()]
@@ -376,6 +404,16 @@ def read_prompts_file(path) -> list[str]:
     if not prompts:
         raise DataError(f"prompts file {str(path)!r} has no non-empty line")
     return prompts
+
+
+DEFAULT_PROMPTS_FILE = Path(__file__).with_name("default_prompts.txt")
+
+
+def default_prompts() -> PromptList:
+    """The pack's own prompt list (default_prompts.txt, `#` lines are comments): what prompt-only
+    training uses when it is given no prompts and no images."""
+    lines = read_text_file(DEFAULT_PROMPTS_FILE, "default prompts file").splitlines()
+    return PromptList([line for line in lines if not line.lstrip().startswith("#")])
 
 
 class EpochSampler:

@@ -32,7 +32,7 @@ def derive_seed(*parts: int) -> int:
 
 
 # purposes of draws (the first part of every derived seed, so streams never collide)
-STEP_ITEM, BUFFER_START, BUFFER_RESTART, LORA_INIT = 1, 2, 3, 4
+STEP_ITEM, BUFFER_START, BUFFER_RESTART, LORA_INIT, IMAGE_CROP = 1, 2, 3, 4, 5
 
 
 def generator(*parts: int) -> torch.Generator:

@@ -67,24 +67,6 @@ def export_tensors(trained, base_model, fmt: str) -> dict[str, torch.Tensor]:
         return EXPORTERS[fmt](trained, base_model)
 
 
-# ComfyUI model config class -> (kohya's ss_base_model_version, modelspec.architecture stem): what
-# A1111/Forge, LoRA managers and model sites read to tell which model a file belongs to. Matched along
-# the class hierarchy, so subclasses (and the test suite's tiny models) take their family's row.
-ARCHITECTURES = {
-    "SD15": ("sd_v1", "stable-diffusion-v1"),
-    "SD20": ("sd_v2", "stable-diffusion-v2"),
-    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
-    "SD3": ("sd3", "stable-diffusion-3"),
-    "Flux": ("flux1", "flux-1-dev"),
-    "Chroma": ("chroma", "chroma"),
-    "WAN21_T2V": ("wan", "wan-2.1-t2v"),
-    "WAN22_T2V": ("wan", "wan-2.2-ti2v-5b"),
-    "QwenImage": ("qwen_image", "qwen-image"),
-    "LTXV": ("ltxv", "ltx-video"),
-    "HunyuanVideo": ("hunyuan_video", "hunyuan-video"),
-    "HunyuanVideo15": ("hunyuan_video", "hunyuan-video-1.5"),
-    "Lumina2": ("lumina2", "lumina-image-2"),
-}
 DESCRIPTION = ("Self-NPO negative model ({fmt}): the change that makes {arch} generate what people do not prefer, "
                "trained without preference data by truncated diffusion fine-tuning. Not a style LoRA: use it as "
                "the negative model of CFG ('Self-NPO Negative Model' + 'Apply Self-NPO' / 'Self-NPO CFG Guider' "
@@ -92,15 +74,17 @@ DESCRIPTION = ("Self-NPO negative model ({fmt}): the change that makes {arch} ge
 
 
 def architecture(base_model) -> tuple[str, str]:
-    """(ss_base_model_version, modelspec architecture stem) of a ComfyUI BaseModel."""
-    for cls in type(base_model.model_config).__mro__:
-        if cls.__name__ in ARCHITECTURES:
-            version, spec = ARCHITECTURES[cls.__name__]
-            if version == "sd_v2" and base_model.model_type.name == "V_PREDICTION":
-                return "sd_v2_768_v", "stable-diffusion-v2-768-v"
-            return version, spec
-    name = type(base_model.model_config).__name__
-    return name.lower(), name.lower()
+    """(ss_base_model_version, modelspec architecture stem) of a ComfyUI BaseModel: what A1111/Forge,
+    LoRA managers and model sites read to tell which model a file belongs to (its family's row)."""
+    from .families import family_of
+
+    row = family_of(base_model).architecture
+    if row is None:
+        name = type(base_model.model_config).__name__.lower()
+        return name, name
+    if row[0] == "sd_v2" and base_model.model_type.name == "V_PREDICTION":
+        return "sd_v2_768_v", "stable-diffusion-v2-768-v"
+    return row
 
 
 def metadata(fmt: str, base_model, config, base_hash: str, steps: int, data_kind: str, name: str = "",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .errors import DataError
 
-DEFAULT_VIDEO_FRAMES = 17  # 4·4 + 1: a short clip every c = 4 video VAE takes
+from .recipes import VIDEO_FRAMES as DEFAULT_VIDEO_FRAMES  # families no recipe row names
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,10 @@ class SessionResult:
 class TrainingSession:
     def __init__(self, model, clip, vae, data, config, paths: RunPaths, options: SessionOptions | None = None,
                  device=None, world=None):
+        from .recipes import resolve_for_model
+
         self.model, self.clip, self.vae, self.data = model, clip, vae, data
-        self.config, self.paths = config, paths
+        self.config, self.paths = resolve_for_model(config, model), paths  # the model family's recipe where "auto"
         self.options = options or SessionOptions()
         self.device = device
         self.world = world or LocalWorld()

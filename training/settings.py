@@ -4,6 +4,8 @@ with `make_config(preset, **overrides)`.
 """
 from __future__ import annotations
 
+import json
+
 from .config import TDFTConfig, field_types, make_config
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -77,3 +79,21 @@ def build_config(preset: str | None, overrides: dict) -> TDFTConfig:
     """Validated config from a preset and (already typed) overrides; ValueError says what is wrong
     (an unknown preset too: make_config checks it)."""
     return make_config(preset, **check_overrides(overrides))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
+
+
+def config_toml(options: dict, config: TDFTConfig) -> str:
+    """A TOML file the CLI's --config reads back: `options` (model, data, output, ...) at the top, every
+    hyper-parameter of `config` in a [hyperparameters] table."""
+    lines = [f"{name} = {_toml_value(value)}" for name, value in options.items()]
+    lines += ["", "[hyperparameters]"] + [f"{name} = {_toml_value(v)}" for name, v in config.to_dict().items()]
+    return "\n".join(lines) + "\n"

@@ -21,8 +21,8 @@ class LatentStarts:
     """Real latents noised to a random grid level per item (image mode)."""
     kind = "images"
 
-    def __init__(self, encoded, schedule, grid, config, world, device):
-        self.encoded, self.schedule, self.grid = encoded, schedule, grid
+    def __init__(self, encoded, schedule, grid, config, world, device, levels=None):
+        self.encoded, self.schedule, self.grid, self.levels = encoded, schedule, grid, levels
         self.steps, self.device = config.truncation_steps, device
         self.global_batch = config.batch_size * world.size
         self.sampler = EpochSampler(encoded.repeats, config.seed)
@@ -35,7 +35,10 @@ class LatentStarts:
         items = [order[i] for i in rng.items]
         x0 = self.encoded.latents[items].to(self.device)
         cond = self.encoded.conds(items, self.device)
-        return tdft.noised_start(self.schedule, self.grid, x0, cond, rng, self.steps)
+        start = tdft.noised_start(self.schedule, self.grid, x0, cond, rng, self.steps, self.levels)
+        if self.encoded.item_unconds is not None:  # each image's crop in its unconditional input too
+            start.uncond = self.encoded.unconds(len(items), self.device, items)
+        return start
 
     def after_rollout(self, trace, step: int, micro: int) -> None:
         pass
@@ -47,8 +50,9 @@ class LatentStarts:
         self.sampler.load_state_dict(state)
 
 
-def make_starts(encoded, schedule, grid, config, world, device):
+def make_starts(encoded, schedule, grid, config, world, device, levels=None):
+    """`levels`: the tdft.NoiseLevels the run trains (None: the whole range)."""
     from .trajectories import TrajectoryStarts
 
     source = LatentStarts if encoded.latents is not None else TrajectoryStarts
-    return source(encoded, schedule, grid, config, world, device)
+    return source(encoded, schedule, grid, config, world, device, levels or tdft.noise_levels(schedule, grid))

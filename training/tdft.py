@@ -126,9 +126,10 @@ def renoise(schedule: NoiseSchedule, x_e, t_e, t, noise):
     return scale * x_e + extra * noise
 
 
-def draw_student_t(t_e: torch.Tensor, T: int, u: torch.Tensor) -> torch.Tensor:
-    """t ~ U{t_e + 1 … T − 1} from u ~ U[0, 1) (the authors' randint(1, T − t_e) offset)."""
-    span = (T - 1 - t_e).double()
+def draw_student_t(t_e: torch.Tensor, T: int, u: torch.Tensor, t_max: int | None = None) -> torch.Tensor:
+    """t ~ U{t_e + 1 … t_max} from u ~ U[0, 1) (the authors' randint(1, T − t_e) offset for t_max = T − 1,
+    the default; a Wan 2.2 expert's own range below it: NoiseLevels)."""
+    span = ((T - 1 if t_max is None else t_max) - t_e).double()
     return t_e + 1 + torch.floor(u.double() * span).long().clamp_max(span.long() - 1)
 
 
@@ -252,16 +253,62 @@ class StartBatch:
     index: torch.Tensor
     steps: torch.Tensor | int
     cond: dict
+    uncond: dict | None = None  # the rows' own unconditional input (random crops), else the run's
 
 
 def noised_start(schedule: NoiseSchedule, grid: torch.Tensor, x0: torch.Tensor, cond: dict, rng,
-                 steps: int) -> StartBatch:
-    """Image mode (algorithm §3 step 2): per item a start grid index i ~ U{0 … N−1} and noise ε from `rng`
-    (a draws.ItemRandom), x_s = a·x0 + b·ε at level grid[i]."""
-    index = rng.randint(len(grid))
+                 steps: int, levels: "NoiseLevels | None" = None) -> StartBatch:
+    """Image mode (algorithm §3 step 2): per item a start grid index i ~ U{lo … hi} (U{0 … N−1} unless
+    `levels` restricts it) and noise ε from `rng` (a draws.ItemRandom), x_s = a·x0 + b·ε at level grid[i]."""
+    levels = levels or NoiseLevels(0, len(grid) - 1, schedule.T - 1)
+    index = rng.randint(levels.hi - levels.lo + 1) + levels.lo
     noise = rng.randn(x0.shape[1:]).to(x0.device, x0.dtype)
     x_s = noise_to(schedule, x0, grid[index].to(x0.device), noise)
-    return StartBatch(x=x_s, index=index, steps=steps, cond=cond)
+    return StartBatch(x=x_s, index=index, steps=levels.steps(index, steps), cond=cond)
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """The part of the noise range a run trains: start grid indices lo … hi, student timesteps up to
+    t_max. The whole range (0, N − 1, T − 1) unless the model is one Wan 2.2 A14B expert: the high-noise
+    expert's rollouts never step below grid index lo (sigma >= boundary), the low-noise expert starts at
+    or below hi and its student levels stay below the boundary, so each negative matches the expert
+    it guides."""
+    lo: int
+    hi: int
+    t_max: int
+
+    def steps(self, index: torch.Tensor, steps):
+        """Teacher steps per row from grid `index`: K (or the given per-row steps), at most down to lo."""
+        if self.lo == 0:
+            return steps
+        return torch.minimum(torch.as_tensor(steps, dtype=torch.long).expand_as(index), index - self.lo)
+
+    def finished(self, index_e: torch.Tensor) -> torch.Tensor:
+        """Rows whose trajectory left the range: below grid 0 (t = 0), or down to lo for an expert."""
+        return index_e < 0 if self.lo == 0 else index_e <= self.lo
+
+
+def noise_levels(schedule: NoiseSchedule, grid: torch.Tensor, expert: str = "none",
+                 boundary: float = 0.0) -> NoiseLevels:
+    """The NoiseLevels of a run (config.expert, config.expert_boundary: a sigma)."""
+    N, T = len(grid), schedule.T
+    if expert == "none":
+        return NoiseLevels(0, N - 1, T - 1)
+    if not 0 < boundary < 1:
+        raise ValueError(f"expert={expert!r} needs expert_boundary between 0 and 1, got {boundary}")
+    high = schedule.sigmas[grid.long()] >= boundary
+    if expert == "high_noise":
+        levels = NoiseLevels(int(high.nonzero().min()) if high.any() else N, N - 1, T - 1)
+    else:
+        below = (schedule.sigmas < boundary).nonzero()
+        levels = NoiseLevels(0, int((~high).nonzero().max()) if (~high).any() else -1,
+                             int(below.max()) if below.numel() else -1)
+    if levels.hi - levels.lo < 1:
+        raise UnsupportedModel(f"the {expert} expert's range (sigma {'>=' if expert == 'high_noise' else '<'} "
+                               f"{boundary:g}) holds {max(0, levels.hi - levels.lo + 1)} of the {N} grid levels; "
+                               "raise grid_size (or check the model's shift)")
+    return levels
 
 
 @dataclass
@@ -282,9 +329,10 @@ class StepTrace:
 
 def tdft_step(student: Denoiser, teacher: Denoiser, schedule: NoiseSchedule, grid: torch.Tensor,
               start: StartBatch, uncond: dict, rng, w: float = -1.0, loss: str = "huber",
-              huber_c: float = 0.001) -> StepTrace:
+              huber_c: float = 0.001, t_max: int | None = None) -> StepTrace:
     """One TDFT step, algorithm §3 steps 3–5: the teacher's truncated rollout from `start`, then the
-    student regression. Per item, t ~ U{t_e + 1 … T − 1}; the *truncated state* x_e is re-noised to
+    student regression. Per item, t ~ U{t_e + 1 … t_max} (T − 1 unless a Wan 2.2 expert's range
+    ends lower); the *truncated state* x_e is re-noised to
     t (Eq. 16); the student predicts x0 at (x_t, t, caption); the loss compares it with the teacher's
     x0 at the truncation point. `rng` is a draws.ItemRandom over the batch. The caller
     backpropagates `trace.loss` and steps the optimizer / EMA."""
@@ -292,7 +340,7 @@ def tdft_step(student: Denoiser, teacher: Denoiser, schedule: NoiseSchedule, gri
     x_e = roll.x_e
     u = rng.rand()
     noise2 = rng.randn(x_e.shape[1:]).to(x_e.device, x_e.dtype)
-    t = draw_student_t(roll.t_e, schedule.T, u)
+    t = draw_student_t(roll.t_e, schedule.T, u, t_max)
     x_t = renoise(schedule, x_e, roll.t_e.to(x_e.device), t.to(x_e.device), noise2)
     pred = student(x_t, t.to(x_e.device), start.cond)
     return StepTrace(t_s=grid[start.index.long().cpu()], x_s=start.x, t_e=roll.t_e, index_e=roll.index_e,

@@ -34,6 +34,7 @@ from .geometry import latent_geometry
 from .grad_checkpointing import gradient_checkpointing
 from .identity import model_identity
 from .optimization import Optimization
+from .recipes import describe_recipe, resolve
 from .signals import signals_deferred
 from .starts import make_starts
 from .streaming import recast_in_backward
@@ -127,11 +128,8 @@ def _check_model(patcher):
 
 
 def family_settings(config, family):
-    """The config with the family-dependent choices made: "attn"/"attn+ff" as the family's layers,
-    mixed_precision "auto" as the family's precision."""
-    precision = family.precision if config.mixed_precision == "auto" else config.mixed_precision
-    return dataclasses.replace(config, lora_targets=family.lora_targets(config.lora_targets),
-                               mixed_precision=precision)
+    """The resolved config with the family's layer names: "attn"/"attn+ff" as the family's regex."""
+    return dataclasses.replace(config, lora_targets=family.lora_targets(config.lora_targets))
 
 
 def _check_inputs(data, clip) -> None:
@@ -149,17 +147,20 @@ class TDFTTrainer:
 
         config.validate()
         _check_inputs(data, clip)
-        self.config, self.data, self.clip, self.vae = config, data, clip, vae
+        self.data, self.clip, self.vae = data, clip, vae
         self.work_dir, self.log = Path(work_dir), log or _log.info
         self.world = world or LocalWorld()
         model = training_patcher(model, self.log)
         self.base_patcher, self.base_model = model, model.model
         self.family = _check_model(model)
-        self.run_config = family_settings(config, self.family)  # "attn", "auto" as this family means them
+        self.config = config = resolve(config, self.family, self.base_model)  # the family's recipe where "auto"
+        self.run_config = family_settings(config, self.family)  # "attn" as this family's layers
+        self.log(describe_recipe(config, self.family))
         self.schedule = tdft.NoiseSchedule.from_model_sampling(model.get_model_object("model_sampling"))
         if self.schedule.T < config.grid_size:
             raise UnsupportedModel(f"the model has {self.schedule.T} timesteps, fewer than grid_size")
         self.grid = tdft.ddim_grid(self.schedule.T, config.grid_size)
+        self.levels = tdft.noise_levels(self.schedule, self.grid, config.expert, config.expert_boundary)
         self.device = torch.device(device) if device is not None else mm.get_torch_device()
         self.step, self.losses = 0, []
         self.model_name = ""  # the base model's file name, for the exported files' metadata (front ends set it)
@@ -176,9 +177,9 @@ class TDFTTrainer:
         self.trained = make_trained(self.base_patcher, config)
         self.geometry = latent_geometry(self.base_model, vae, makes_video(self.family, self.base_model), config.frames)
         self.encoded = encode_data(data, self.base_model, clip, vae, self.geometry, config.resolution, config.fps,
-                                   config.uncond, self.work_dir / "cache", self.log)
+                                   config.uncond, self.work_dir / "cache", self.log, config.crop, config.seed)
         mm.soft_empty_cache()
-        self.starts = make_starts(self.encoded, self.schedule, self.grid, config, self.world, self.device)
+        self.starts = make_starts(self.encoded, self.schedule, self.grid, config, self.world, self.device, self.levels)
         self._load_base(extra_bytes=3 * self.trained.own_bytes())  # copies + AdamW's two moments
         self.trained.to(self.device)
         self.optim = Optimization(self.trained.parameters(), config, self.device, self.log)
@@ -240,9 +241,9 @@ class TDFTTrainer:
         rng = ItemRandom(c.seed, self.step, micro, self.world.items(c.batch_size))
         start = self.starts.next_batch(rng, self.step, micro)
         with self.world.accumulating(self.student, last=micro == c.grad_accum - 1):
-            trace = tdft.tdft_step(self._denoiser(self.student), teacher, self.schedule, self.grid, start,
-                                   self.encoded.unconds(len(rng), self.device), rng,
-                                   w=c.corruption_guidance, loss=c.loss, huber_c=c.huber_c)
+            uncond = start.uncond if start.uncond is not None else self.encoded.unconds(len(rng), self.device)
+            trace = tdft.tdft_step(self._denoiser(self.student), teacher, self.schedule, self.grid, start, uncond, rng,
+                                   w=c.corruption_guidance, loss=c.loss, huber_c=c.huber_c, t_max=self.levels.t_max)
             if self.world.any(not bool(torch.isfinite(trace.loss))):
                 raise NonFiniteLoss(self._non_finite_message(trace.loss.item()))
             self.optim.backward(trace.loss)

@@ -1,4 +1,6 @@
-"""Data-free mode (docs/algorithm.md §3 extension): a buffer of partially denoised teacher trajectories.
+"""Prompt-only mode, this pack's extension (docs/algorithm.md §3; the paper's "data-free" means without
+preference data, its released training starts from real images): a buffer of partially denoised
+teacher trajectories.
 
 Without images there is no x0 to noise to a start level, and starting every step from pure noise
 would only ever train the top of the noise range. Instead each buffer slot is a trajectory state
@@ -25,14 +27,19 @@ import torch
 
 from . import draws
 from .errors import DataError, ResumeMismatch, TrainingCancelled
-from .tdft import StartBatch, noise_to, teacher_rollout
+from .tdft import StartBatch, noise_levels, noise_to, teacher_rollout
 
 
 class TrajectoryStarts:
     kind = "prompts"
 
-    def __init__(self, encoded, schedule, grid, config, world, device):
+    def __init__(self, encoded, schedule, grid, config, world, device, levels=None):
         self.encoded, self.schedule, self.grid = encoded, schedule, grid
+        self.levels = levels or noise_levels(schedule, grid)
+        if self.levels.hi < len(grid) - 1:
+            raise DataError("the low-noise expert of Wan 2.2 A14B cannot train from prompts only: its rollouts "
+                            "would start from states only the high-noise expert makes; give it images or clips "
+                            "(a data folder)")
         self.world, self.device = world, device
         self.seed, self.w = config.seed, config.corruption_guidance
         self.N, self.K, self.per_process = len(grid), config.truncation_steps, config.batch_size
@@ -86,7 +93,8 @@ class TrajectoryStarts:
         for slot in range(self.size):
             self._fresh(slot, draws.generator(draws.BUFFER_START, self.seed, slot))
             self.next_steps[slot] = self.K
-        preroll = (torch.arange(self.size) * self.N) // self.size  # 0 … N−1 grid steps: index stays >= 0
+        span = self.N - self.levels.lo  # 0 … span − 1 grid steps: the index stays in the range
+        preroll = (torch.arange(self.size) * span) // self.size
         for start in range(0, self.size, self.global_batch):
             if should_stop is not None and should_stop():
                 raise TrainingCancelled("stopped while pre-rolling the trajectory buffer", step=0)
@@ -108,17 +116,19 @@ class TrajectoryStarts:
         self.pointer = int((self.pointer + self.global_batch) % self.size)
         self._mine = self._slots[list(rng.items)]
         rows = self._mine
-        return StartBatch(x=self.x[rows].to(self.device), index=self.index[rows].clone(),
-                          steps=self.next_steps[rows].clone(),
+        index = self.index[rows].clone()
+        return StartBatch(x=self.x[rows].to(self.device), index=index,
+                          steps=self.levels.steps(index, self.next_steps[rows].clone()),
                           cond=self.encoded.conds(self.prompt[rows].tolist(), self.device))
 
     def after_rollout(self, trace, step: int, micro: int) -> None:
-        """Store the continued states; slots that reached t = 0 restart from fresh noise."""
+        """Store the continued states; slots that reached t = 0 (an expert: the bottom of its range)
+        restart from fresh noise."""
         mine = self._mine
         self.x[mine] = trace.x_e.detach().to("cpu", self.x.dtype)
         self.index[mine] = trace.index_e.cpu()
         self.next_steps[mine] = self.K
-        for slot in mine[trace.index_e.cpu() < 0].tolist():
+        for slot in mine[self.levels.finished(trace.index_e.cpu())].tolist():
             gen = draws.generator(draws.BUFFER_RESTART, self.seed, step, micro, slot)
             self._fresh(slot, gen)
             self.next_steps[slot] = int(torch.randint(1, self.K + 1, (1,), generator=gen))

@@ -1,7 +1,8 @@
 // Self-NPO Train (TDFT): picking a preset shows its values in steps / learning_rate / lora_rank /
 // teacher, instead of "0 = the preset's" placeholders. The values come from the node definition
 // (the preset combo's `selfnpo_presets`, written by nodes/train.py from the presets themselves).
-// Workflows saved before keep their stored values: 0 and "preset" still mean the preset's value.
+// Workflows saved before keep their stored values: 0 and "preset" still mean the preset's value
+// (learning_rate 0: the model family's recipe, which the node shows before training starts).
 import { app } from "../../scripts/app.js";
 
 app.registerExtension({

@@ -205,8 +205,9 @@ def diffusion_npo_release_with_beta() -> Graph:
 
 
 # The lora-12gb preset's values, as the training node shows them for it (a test checks they are the preset's)
-LORA_12GB = dict(steps=1000, learning_rate=1e-4, lora_rank=16, teacher="base")
-# Data-free training (prompts only), LoRA sized for a 12 GB GPU; everything else as the preset says.
+LORA_12GB = dict(steps=1000, learning_rate=1e-4, lora_rank=16, teacher="ema")
+# Prompt-only training (this pack's extension), LoRA sized for a 12 GB GPU; everything else as the preset
+# and the model family's recipe say (resolution / corruption_guidance 0).
 TRAIN_NODE_INPUTS: dict = dict(
     data_folder="",
     prompts="\n".join([
@@ -219,17 +220,22 @@ TRAIN_NODE_INPUTS: dict = dict(
     ]),
     preset="lora-12gb", **LORA_12GB, seed=0,
     output_name="sd15_selfnpo_lora", save_every=100, preview_every=100, overrides="", input_folder="",
+    resolution=0, corruption_guidance=0.0,
 )
 TRAIN_NOTE = (
     "## Train a Self-NPO LoRA, then sample with it",
     "**Self-NPO Train (TDFT)** fine-tunes a copy of the loaded model on its own corrupted generations "
     "(corruption guidance w = −1 for SD1.5, −5 for SDXL; K = 5 truncated teacher steps per sample). "
     "Its *negative_model* output feeds **Apply Self-NPO** directly.",
-    "* *data_folder*: images with same-name `.txt` captions; empty = data-free mode from *prompts*.\n"
-    "* *preset*: `sd15` / `sdxl` are the authors' full fine-tuning recipes; `lora-8gb` … `lora-24gb` "
-    "train a LoRA sized for that GPU. *steps*, *learning_rate* (0 = preset), *lora_rank*, *teacher* "
-    "(EMA of the student, or the frozen base) override it; *overrides* takes any other setting as "
-    "`key = value` lines.\n"
+    "* *data_folder*: images with same-name `.txt` captions (the authors' way: every rollout starts from a "
+    "noised real image); empty = prompt-only mode from *prompts*, this pack's extension (empty prompts: the "
+    "pack's default list).\n"
+    "* *preset*: how the run fits your GPU: `sd15` / `sdxl` are the authors' published full fine-tuning runs; "
+    "`lora-8gb` … `lora-24gb` train a LoRA sized for that GPU. The recipe (w, unconditional input, "
+    "resolution, learning rate) comes from the model's family; the node shows it before training starts. "
+    "*steps*, *learning_rate* (0 = the recipe's), *lora_rank*, *teacher* (EMA of the student, or the "
+    "frozen base), *resolution* and *corruption_guidance* (0 = the recipe's) override them; *overrides* takes "
+    "any other setting as `key = value` lines.\n"
     "* Weights go to `models/self_npo/<output_name>.safetensors` (listed by the loader at once). "
     "Re-running with the same name resumes; cancelling saves a resumable checkpoint.\n"
     "* *preview_every*: shows the first prompt with plain CFG and with NPO-CFG in the progress bar."
@@ -325,7 +331,7 @@ WAN_TRAIN_INPUTS: dict = dict(
     ]),
     preset="lora-12gb", **LORA_12GB, seed=0,
     output_name="wan21_selfnpo_lora", save_every=100, preview_every=0, overrides="frames = 17\nresolution = 480",
-    input_folder="",
+    input_folder="", resolution=0, corruption_guidance=0.0,
 )
 
 GRAPHS = [sd15_apply_selfnpo_ksampler, sdxl_selfnpo_guider, train_then_sample, diffusion_npo_release_with_beta,
