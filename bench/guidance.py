@@ -18,6 +18,8 @@ and interval (the residencies must agree; comfy_hooks is compared with npo_separ
 
   python bench/guidance.py                 # tiny SD1.5 and SDXL models on the CPU
   python bench/guidance.py --full-size     # SD1.5 and SDXL architectures, random fp16 weights, GPU
+  python bench/guidance.py --full-width    # the full SD1.5 UNet, random fp32 weights, at latent 16
+                                           # (128 px) on one CPU thread: plain CFG, NPO separate, batched
 Writes bench/results/guidance.json.
 """
 from __future__ import annotations
@@ -77,18 +79,19 @@ FULL_UNETS = {
 }
 
 
-def _build(kind: str, full_size: bool, seed: int = 0):
-    """(positive ModelPatcher, positive cond, negative cond, latent) for one architecture."""
+def _build(kind: str, full_size: bool, seed: int = 0, latent: int | None = None):
+    """(positive ModelPatcher, positive cond, negative cond, latent) for one architecture; `latent`:
+    the full-size architecture in float32 on the CPU at that latent size (--full-width)."""
     import torch
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
     gen = torch.Generator().manual_seed(seed)
-    if full_size:
+    if full_size or latent:
         config_cls = comfy.supported_models.SD15 if kind == "sd15" else comfy.supported_models.SDXL
         config = config_cls(dict(FULL_UNETS[kind]))
-        config.set_inference_dtype(torch.float16, None)
+        config.set_inference_dtype(torch.float32 if latent else torch.float16, None)
         device = comfy.model_management.get_torch_device()
         model = config.get_model({}, device=device)
         with torch.no_grad():
@@ -99,7 +102,7 @@ def _build(kind: str, full_size: bool, seed: int = 0):
                     p.normal_(0, 0.02) if p.ndim == 1 else None
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=device,
                                                    offload_device=comfy.model_management.unet_offload_device())
-        context, pooled, size = FULL_UNETS[kind]["context_dim"], 1280, 128 if kind == "sdxl" else 64
+        context, pooled, size = FULL_UNETS[kind]["context_dim"], 1280, latent or (128 if kind == "sdxl" else 64)
     else:
         from comfy_selfnpo import tiny_models
 
@@ -155,7 +158,8 @@ def _count_forwards(models):
     return counts, [m.diffusion_model.register_forward_pre_hook(count) for m in models]
 
 
-def run_route(route: Route, kind: str, full_size: bool, steps: int, repeats: int, rank: int, queue) -> None:
+def run_route(route: Route, kind: str, full_size: bool, steps: int, repeats: int, rank: int, queue,
+              latent: int | None = None) -> None:
     boot_comfyui(cpu=not full_size)
     import torch
     import comfy.hooks
@@ -166,7 +170,7 @@ def run_route(route: Route, kind: str, full_size: bool, steps: int, repeats: int
     if not full_size:
         # one thread: on a shared CPU, OpenMP threads spin-waiting for busy cores make timings swing 10x
         torch.set_num_threads(1)
-    positive_model, pos_cond, neg_cond, size = _build(kind, full_size)
+    positive_model, pos_cond, neg_cond, size = _build(kind, full_size, latent=latent)
     lora = _npo_lora(positive_model, rank)
     cuda = full_size and torch.cuda.is_available()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -230,7 +234,8 @@ def _measure_kind(kind: str, routes: list[Route], args, steps: int) -> list[dict
     results = {}
     for route in routes:
         queue = ctx.Queue()
-        proc = ctx.Process(target=run_route, args=(route, kind, args.full_size, steps, args.repeats, args.rank, queue))
+        proc = ctx.Process(target=run_route, args=(route, kind, args.full_size, steps, args.repeats, args.rank, queue,
+                                                   args.latent if args.full_width else None))
         proc.start()
         results[route.name] = queue.get()
         proc.join()
@@ -254,18 +259,31 @@ def _measure_kind(kind: str, routes: list[Route], args, steps: int) -> list[dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", action="store_true", help="SD1.5/SDXL architectures on the GPU")
-    parser.add_argument("--kinds", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
+    parser.add_argument("--full-width", action="store_true",
+                        help="the full-size UNet in float32 on one CPU thread at a small latent (default kind sd15, "
+                             "routes plain_cfg npo_separate npo_batched, 5 steps, 2 repeats)")
+    parser.add_argument("--latent", type=int, default=16, help="--full-width latent size (default 16: 128 px)")
+    parser.add_argument("--kinds", nargs="+", default=None, choices=["sd15", "sdxl"],
+                        help="architectures (default sd15 and sdxl; sd15 with --full-width)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 10 tiny, 20 full)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES),
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per route (default 3; 2 with --full-width)")
+    parser.add_argument("--routes", nargs="+", default=None, choices=list(ROUTES),
                         help="routes to run (plain_cfg and the references of the chosen routes always run)")
     parser.add_argument("--rank", type=int, default=None,
                         help="rank of the NPO LoRA (default 4 for the tiny models, whose layers are 32-64 wide; "
                              "32 full-size, within the 8-64 of the authors' releases)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "guidance.json"))
+    parser.add_argument("--out", default=None, help="default bench/results/guidance.json "
+                                                     "(--full-width: guidance_full_width.json)")
     args = parser.parse_args(argv)
-    steps = args.steps or (20 if args.full_size else 10)
-    args.rank = args.rank or (32 if args.full_size else 4)
+    if args.full_width and args.full_size:
+        parser.error("--full-width runs on the CPU, --full-size on a GPU: choose one")
+    full = args.full_size or args.full_width
+    steps = args.steps or (5 if args.full_width else 20 if args.full_size else 10)
+    args.rank = args.rank or (32 if full else 4)
+    args.kinds = args.kinds or (["sd15"] if args.full_width else ["sd15", "sdxl"])
+    args.routes = args.routes or (["npo_separate", "npo_batched"] if args.full_width else list(ROUTES))
+    args.repeats = args.repeats or (2 if args.full_width else 3)
+    args.out = args.out or str(ROOT / "bench" / "results" / f"guidance{'_full_width' if args.full_width else ''}.json")
 
     names = ["plain_cfg"] + [n for n in ROUTES if n != "plain_cfg" and (
         n in args.routes or any(ROUTES[r].reference == n for r in args.routes))]
@@ -273,7 +291,8 @@ def main(argv=None) -> int:
     device = "cuda" if args.full_size else "cpu"
     header = f"{'model':5} {'route':15} {'fwd/step':>8} {'rows':>5} {'ms/step':>9} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} " \
              f"{'weights MiB':>11} {'x plain':>8} {'setup s':>8} {'rel.diff vs separate':>21}"
-    print(f"Self-NPO guidance cost ({'full-size' if args.full_size else 'tiny'} models, {device}, "
+    scale = f"full-width, latent {args.latent}" if args.full_width else "full-size" if args.full_size else "tiny"
+    print(f"Self-NPO guidance cost ({scale} models, {device}, "
           f"{steps} steps, NPO LoRA rank {args.rank})")
     print(header)
     for r in rows:
@@ -284,7 +303,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"full_size": args.full_size, "device": device, "steps": steps, "rank": args.rank,
+        json.dump({"full_size": args.full_size, "full_width": args.full_width,
+                   "latent": args.latent if args.full_width else None, "device": device, "steps": steps, "rank": args.rank,
                    "repeats": args.repeats, "rows": rows}, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
