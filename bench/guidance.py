@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     parser.add_argument("--latent", type=int, default=16, help="--full-width latent size (default 16: 128 px)")
     parser.add_argument("--kinds", nargs="+", default=None, choices=["sd15", "sdxl"],
                         help="architectures (default sd15 and sdxl; sd15 with --full-width)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 10 tiny, 20 full)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 10 tiny, 20 full-size, 5 full-width)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per route (default 3; 2 with --full-width)")
     parser.add_argument("--routes", nargs="+", default=None, choices=list(ROUTES),
                         help="routes to run (plain_cfg and the references of the chosen routes always run)")
