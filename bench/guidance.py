@@ -11,7 +11,7 @@ conditioning:
                        (exact for mode npo, but not supported by the dynamic-VRAM memory manager)
 Each route runs in a fresh process (clean memory statistics). Reported: diffusion-model forwards and
 batch rows per step (exact), time per sampling step (best of --repeats runs: the least disturbed by
-other processes on a shared CPU), peak
+other processes on a shared CPU) in wall and in CPU seconds (the process's own work, steadier still), peak
 memory (CUDA peak allocation on GPU, peak RSS growth on CPU), the weights held after setup, all as
 ratios to plain CFG, and each route's final latent against the separate residency of the same mode
 and interval (the residencies must agree; comfy_hooks is compared with npo_separate).
@@ -212,15 +212,17 @@ def run_route(route: Route, kind: str, full_size: bool, steps: int, repeats: int
         result = sample()  # warm-up: loads the models, builds caches; forwards counted here
         for handle in handles:
             handle.remove()
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             sample()
             times.append((time.perf_counter() - t) / steps)
+            cpu_times.append((time.process_time() - c) / steps)  # CPU seconds: steadier on a shared CPU
     peak = (torch.cuda.max_memory_allocated() - alloc0) if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     # best of the repeats: the run least disturbed by other processes
-    queue.put({"route": route.name, "kind": kind, "step_s": min(times), "peak_bytes": int(peak),
+    queue.put({"route": route.name, "kind": kind, "step_s": min(times), "step_cpu_s": min(cpu_times),
+               "peak_bytes": int(peak),
                "weights_bytes": _weights_held(held) + extra_weights, "setup_s": setup_s,
                "forwards_per_step": forwards["calls"] / steps, "rows_per_step": forwards["rows"] / steps,
                "latent": result.float().cpu().tolist()})  # plain data: no shared-memory handles
@@ -249,7 +251,7 @@ def _measure_kind(kind: str, routes: list[Route], args, steps: int) -> list[dict
         rows.append({k: v for k, v in r.items() if k != "latent"} | {
             "mode": route.mode if route.residency else None, "residency": route.residency,
             "interval": list(route.interval), "reference": route.reference,
-            "step_ratio": r["step_s"] / base["step_s"],
+            "step_ratio": r["step_s"] / base["step_s"], "cpu_ratio": r["step_cpu_s"] / base["step_cpu_s"],
             "peak_ratio": r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] > 0 else None,
             "weights_ratio": r["weights_bytes"] / base["weights_bytes"],
             "rel_diff_vs_separate": float((r["latent"] - ref).abs().max() / ref.abs().max())})
@@ -289,7 +291,8 @@ def main(argv=None) -> int:
         n in args.routes or any(ROUTES[r].reference == n for r in args.routes))]
     rows = [row for kind in args.kinds for row in _measure_kind(kind, [ROUTES[n] for n in names], args, steps)]
     device = "cuda" if args.full_size else "cpu"
-    header = f"{'model':5} {'route':15} {'fwd/step':>8} {'rows':>5} {'ms/step':>9} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} " \
+    header = f"{'model':5} {'route':15} {'fwd/step':>8} {'rows':>5} {'ms/step':>9} {'x plain':>8} {'cpu ms':>9} " \
+             f"{'x plain':>8} {'peak MiB':>9} {'x plain':>8} " \
              f"{'weights MiB':>11} {'x plain':>8} {'setup s':>8} {'rel.diff vs separate':>21}"
     scale = f"full-width, latent {args.latent}" if args.full_width else "full-size" if args.full_size else "tiny"
     print(f"Self-NPO guidance cost ({scale} models, {device}, "
@@ -298,6 +301,7 @@ def main(argv=None) -> int:
     for r in rows:
         peak_ratio = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "n/a"
         print(f"{r['kind']:5} {r['route']:15} {r['forwards_per_step']:8.1f} {r['rows_per_step']:5.1f} {r['step_s'] * 1e3:9.2f} {r['step_ratio']:8.2f} "
+              f"{r['step_cpu_s'] * 1e3:9.2f} {r['cpu_ratio']:8.2f} "
               f"{r['peak_bytes'] / 2**20:9.1f} {peak_ratio:>8} {r['weights_bytes'] / 2**20:11.1f} "
               f"{r['weights_ratio']:8.2f} {r['setup_s']:8.2f} {r['rel_diff_vs_separate']:21.2e}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

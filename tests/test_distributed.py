@@ -42,7 +42,7 @@ def torchrun_command(nproc: int, *launcher_args) -> list[str]:
 
 def dist_env() -> dict:
     env = cli_env()
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    env.update(OMP_NUM_THREADS=str(torch.get_num_threads()), GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
     return env
 
 
