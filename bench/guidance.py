@@ -263,11 +263,11 @@ def main(argv=None) -> int:
     parser.add_argument("--full-size", action="store_true", help="SD1.5/SDXL architectures on the GPU")
     parser.add_argument("--full-width", action="store_true",
                         help="the full-size UNet in float32 on one CPU thread at a small latent (default kind sd15, "
-                             "routes plain_cfg npo_separate npo_batched, 5 steps, 2 repeats)")
+                             "routes plain_cfg npo_separate npo_batched, 3 steps, 2 repeats)")
     parser.add_argument("--latent", type=int, default=16, help="--full-width latent size (default 16: 128 px)")
     parser.add_argument("--kinds", nargs="+", default=None, choices=["sd15", "sdxl"],
                         help="architectures (default sd15 and sdxl; sd15 with --full-width)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 10 tiny, 20 full-size, 5 full-width)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 10 tiny, 20 full-size, 3 full-width)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per route (default 3; 2 with --full-width)")
     parser.add_argument("--routes", nargs="+", default=None, choices=list(ROUTES),
                         help="routes to run (plain_cfg and the references of the chosen routes always run)")
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     if args.full_width and args.full_size:
         parser.error("--full-width runs on the CPU, --full-size on a GPU: choose one")
     full = args.full_size or args.full_width
-    steps = args.steps or (5 if args.full_width else 20 if args.full_size else 10)
+    steps = args.steps or (3 if args.full_width else 20 if args.full_size else 10)
     args.rank = args.rank or (32 if full else 4)
     args.kinds = args.kinds or (["sd15"] if args.full_width else ["sd15", "sdxl"])
     args.routes = args.routes or (["npo_separate", "npo_batched"] if args.full_width else list(ROUTES))
