@@ -335,12 +335,12 @@ FULL_WIDTH_COPIES = {("authors", "full"): 5.0, ("ours", "full"): 5.5, ("ours", "
 SD15_PARAMS = 859_520_964
 
 
-def _full_width_specs(latent: int, batch: int) -> list[dict]:
+def _full_width_specs(latent: int, batch: int, ws: list[float]) -> list[dict]:
     size = dict(size=f"sd15@{latent}", diffusers_config=SD15_DIFFUSERS, latent=latent, batch=batch, amp=False,
                 grad_ckpt=False, warmup=1, steps=1, fp16_base=True, device="cpu")
     # the authors' loop evaluates both teacher branches whatever w is: it runs once, at w = -1
     return [dict(size, impl="authors", mode="full", w=-1.0)] + [
-        dict(size, impl="ours", mode=mode, w=w) for w in (-1.0, -5.0) for mode in ("full", "lora")]
+        dict(size, impl="ours", mode=mode, w=w) for w in ws for mode in ("full", "lora")]
 
 
 def _check_memory(spec: dict) -> None:
@@ -402,6 +402,8 @@ def main(argv=None):
                    help="the full SD1.5 UNet at a small latent on the CPU (about 15 minutes, up to 19 GB)")
     p.add_argument("--latent", type=int, default=16, help="--full-width latent size (default 16: 128 px)")
     p.add_argument("--batch", type=int, default=1, help="--full-width batch (default 1)")
+    p.add_argument("--w", type=float, nargs="+", default=[-1.0],
+                   help="--full-width corruption guidance of the trainer's rows (default -1, the SD1.5 recipe)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1: shared 2-core machines)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--smoke", help="comma-separated impl:mode:size runs at latent 8, batch 1, one step "
@@ -414,7 +416,7 @@ def main(argv=None):
     device = "cuda" if args.full_size and torch.cuda.is_available() else "cpu"
     if args.full_size and device == "cpu" and not args.smoke:
         p.error("--full-size needs a CUDA GPU (or --smoke to check the code path on the CPU)")
-    specs = _full_width_specs(args.latent, args.batch) if args.full_width else _specs(args.full_size, device)
+    specs = _full_width_specs(args.latent, args.batch, args.w) if args.full_width else _specs(args.full_size, device)
     if args.smoke:
         wanted = {tuple(x.split(":")) for x in args.smoke.split(",")}
         specs = [dict(s, latent=8, batch=1, warmup=0, steps=1, amp=False) for s in specs
