@@ -399,7 +399,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full-size", action="store_true", help="SD1.5/SDXL sizes with random weights (GPU)")
     p.add_argument("--full-width", action="store_true",
-                   help="the full SD1.5 UNet at a small latent on the CPU (about 15 minutes, up to 19 GB)")
+                   help="the full SD1.5 UNet at a small latent on the CPU (three runs of about 90 CPU seconds each, "
+                        "up to 19 GB)")
     p.add_argument("--latent", type=int, default=16, help="--full-width latent size (default 16: 128 px)")
     p.add_argument("--batch", type=int, default=1, help="--full-width batch (default 1)")
     p.add_argument("--w", type=float, nargs="+", default=[-1.0],
