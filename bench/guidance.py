@@ -94,12 +94,14 @@ def _build(kind: str, full_size: bool, seed: int = 0, latent: int | None = None)
         config.set_inference_dtype(torch.float32 if latent else torch.float16, None)
         device = comfy.model_management.get_torch_device()
         model = config.get_model({}, device=device)
+        # seeded: every route runs in its own process and must sample the same random model
+        weight_gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for p in model.diffusion_model.parameters():
                 if p.ndim >= 2:
-                    p.normal_(0, 1 / math.sqrt(p[0].numel()))
+                    p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=weight_gen)
                 else:
-                    p.normal_(0, 0.02) if p.ndim == 1 else None
+                    p.normal_(0, 0.02, generator=weight_gen) if p.ndim == 1 else None
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=device,
                                                    offload_device=comfy.model_management.unet_offload_device())
         context, pooled, size = FULL_UNETS[kind]["context_dim"], 1280, latent or (128 if kind == "sdxl" else 64)
