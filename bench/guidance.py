@@ -11,13 +11,15 @@ conditioning:
                        (exact for mode npo, but not supported by the dynamic-VRAM memory manager)
 Each route runs in a fresh process (clean memory statistics). Reported: diffusion-model forwards and
 batch rows per step (exact), time per sampling step (best of --repeats runs: the least disturbed by
-other processes on a shared CPU), peak
+other processes on a shared CPU) in wall and in CPU seconds (the process's own work, steadier still), peak
 memory (CUDA peak allocation on GPU, peak RSS growth on CPU), the weights held after setup, all as
 ratios to plain CFG, and each route's final latent against the separate residency of the same mode
 and interval (the residencies must agree; comfy_hooks is compared with npo_separate).
 
   python bench/guidance.py                 # tiny SD1.5 and SDXL models on the CPU
   python bench/guidance.py --full-size     # SD1.5 and SDXL architectures, random fp16 weights, GPU
+  python bench/guidance.py --full-width    # the full SD1.5 UNet, random fp32 weights, at latent 16
+                                           # (128 px) on one CPU thread: plain CFG, NPO separate, batched
 Writes bench/results/guidance.json.
 """
 from __future__ import annotations
@@ -77,29 +79,32 @@ FULL_UNETS = {
 }
 
 
-def _build(kind: str, full_size: bool, seed: int = 0):
-    """(positive ModelPatcher, positive cond, negative cond, latent) for one architecture."""
+def _build(kind: str, full_size: bool, seed: int = 0, latent: int | None = None):
+    """(positive ModelPatcher, positive cond, negative cond, latent) for one architecture; `latent`:
+    the full-size architecture in float32 on the CPU at that latent size (--full-width)."""
     import torch
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
     gen = torch.Generator().manual_seed(seed)
-    if full_size:
+    if full_size or latent:
         config_cls = comfy.supported_models.SD15 if kind == "sd15" else comfy.supported_models.SDXL
         config = config_cls(dict(FULL_UNETS[kind]))
-        config.set_inference_dtype(torch.float16, None)
+        config.set_inference_dtype(torch.float32 if latent else torch.float16, None)
         device = comfy.model_management.get_torch_device()
         model = config.get_model({}, device=device)
+        # seeded: every route runs in its own process and must sample the same random model
+        weight_gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for p in model.diffusion_model.parameters():
                 if p.ndim >= 2:
-                    p.normal_(0, 1 / math.sqrt(p[0].numel()))
+                    p.normal_(0, 1 / math.sqrt(p[0].numel()), generator=weight_gen)
                 else:
-                    p.normal_(0, 0.02) if p.ndim == 1 else None
+                    p.normal_(0, 0.02, generator=weight_gen) if p.ndim == 1 else None
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=device,
                                                    offload_device=comfy.model_management.unet_offload_device())
-        context, pooled, size = FULL_UNETS[kind]["context_dim"], 1280, 128 if kind == "sdxl" else 64
+        context, pooled, size = FULL_UNETS[kind]["context_dim"], 1280, latent or (128 if kind == "sdxl" else 64)
     else:
         from comfy_selfnpo import tiny_models
 
@@ -155,7 +160,8 @@ def _count_forwards(models):
     return counts, [m.diffusion_model.register_forward_pre_hook(count) for m in models]
 
 
-def run_route(route: Route, kind: str, full_size: bool, steps: int, repeats: int, rank: int, queue) -> None:
+def run_route(route: Route, kind: str, full_size: bool, steps: int, repeats: int, rank: int, queue,
+              latent: int | None = None) -> None:
     boot_comfyui(cpu=not full_size)
     import torch
     import comfy.hooks
@@ -166,7 +172,7 @@ def run_route(route: Route, kind: str, full_size: bool, steps: int, repeats: int
     if not full_size:
         # one thread: on a shared CPU, OpenMP threads spin-waiting for busy cores make timings swing 10x
         torch.set_num_threads(1)
-    positive_model, pos_cond, neg_cond, size = _build(kind, full_size)
+    positive_model, pos_cond, neg_cond, size = _build(kind, full_size, latent=latent)
     lora = _npo_lora(positive_model, rank)
     cuda = full_size and torch.cuda.is_available()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -208,15 +214,17 @@ def run_route(route: Route, kind: str, full_size: bool, steps: int, repeats: int
         result = sample()  # warm-up: loads the models, builds caches; forwards counted here
         for handle in handles:
             handle.remove()
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             sample()
             times.append((time.perf_counter() - t) / steps)
+            cpu_times.append((time.process_time() - c) / steps)  # CPU seconds: steadier on a shared CPU
     peak = (torch.cuda.max_memory_allocated() - alloc0) if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     # best of the repeats: the run least disturbed by other processes
-    queue.put({"route": route.name, "kind": kind, "step_s": min(times), "peak_bytes": int(peak),
+    queue.put({"route": route.name, "kind": kind, "step_s": min(times), "step_cpu_s": min(cpu_times),
+               "peak_bytes": int(peak),
                "weights_bytes": _weights_held(held) + extra_weights, "setup_s": setup_s,
                "forwards_per_step": forwards["calls"] / steps, "rows_per_step": forwards["rows"] / steps,
                "latent": result.float().cpu().tolist()})  # plain data: no shared-memory handles
@@ -230,7 +238,8 @@ def _measure_kind(kind: str, routes: list[Route], args, steps: int) -> list[dict
     results = {}
     for route in routes:
         queue = ctx.Queue()
-        proc = ctx.Process(target=run_route, args=(route, kind, args.full_size, steps, args.repeats, args.rank, queue))
+        proc = ctx.Process(target=run_route, args=(route, kind, args.full_size, steps, args.repeats, args.rank, queue,
+                                                   args.latent if args.full_width else None))
         proc.start()
         results[route.name] = queue.get()
         proc.join()
@@ -244,7 +253,7 @@ def _measure_kind(kind: str, routes: list[Route], args, steps: int) -> list[dict
         rows.append({k: v for k, v in r.items() if k != "latent"} | {
             "mode": route.mode if route.residency else None, "residency": route.residency,
             "interval": list(route.interval), "reference": route.reference,
-            "step_ratio": r["step_s"] / base["step_s"],
+            "step_ratio": r["step_s"] / base["step_s"], "cpu_ratio": r["step_cpu_s"] / base["step_cpu_s"],
             "peak_ratio": r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] > 0 else None,
             "weights_ratio": r["weights_bytes"] / base["weights_bytes"],
             "rel_diff_vs_separate": float((r["latent"] - ref).abs().max() / ref.abs().max())})
@@ -254,37 +263,54 @@ def _measure_kind(kind: str, routes: list[Route], args, steps: int) -> list[dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full-size", action="store_true", help="SD1.5/SDXL architectures on the GPU")
-    parser.add_argument("--kinds", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 10 tiny, 20 full)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES),
+    parser.add_argument("--full-width", action="store_true",
+                        help="the full-size UNet in float32 on one CPU thread at a small latent (default kind sd15, "
+                             "routes plain_cfg npo_separate npo_batched, 3 steps, 2 repeats)")
+    parser.add_argument("--latent", type=int, default=16, help="--full-width latent size (default 16: 128 px)")
+    parser.add_argument("--kinds", nargs="+", default=None, choices=["sd15", "sdxl"],
+                        help="architectures (default sd15 and sdxl; sd15 with --full-width)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps per run (default 10 tiny, 20 full-size, 3 full-width)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per route (default 3; 2 with --full-width)")
+    parser.add_argument("--routes", nargs="+", default=None, choices=list(ROUTES),
                         help="routes to run (plain_cfg and the references of the chosen routes always run)")
     parser.add_argument("--rank", type=int, default=None,
                         help="rank of the NPO LoRA (default 4 for the tiny models, whose layers are 32-64 wide; "
                              "32 full-size, within the 8-64 of the authors' releases)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "guidance.json"))
+    parser.add_argument("--out", default=None, help="default bench/results/guidance.json "
+                                                     "(--full-width: guidance_full_width.json)")
     args = parser.parse_args(argv)
-    steps = args.steps or (20 if args.full_size else 10)
-    args.rank = args.rank or (32 if args.full_size else 4)
+    if args.full_width and args.full_size:
+        parser.error("--full-width runs on the CPU, --full-size on a GPU: choose one")
+    full = args.full_size or args.full_width
+    steps = args.steps or (3 if args.full_width else 20 if args.full_size else 10)
+    args.rank = args.rank or (32 if full else 4)
+    args.kinds = args.kinds or (["sd15"] if args.full_width else ["sd15", "sdxl"])
+    args.routes = args.routes or (["npo_separate", "npo_batched"] if args.full_width else list(ROUTES))
+    args.repeats = args.repeats or (2 if args.full_width else 3)
+    args.out = args.out or str(ROOT / "bench" / "results" / f"guidance{'_full_width' if args.full_width else ''}.json")
 
     names = ["plain_cfg"] + [n for n in ROUTES if n != "plain_cfg" and (
         n in args.routes or any(ROUTES[r].reference == n for r in args.routes))]
     rows = [row for kind in args.kinds for row in _measure_kind(kind, [ROUTES[n] for n in names], args, steps)]
     device = "cuda" if args.full_size else "cpu"
-    header = f"{'model':5} {'route':15} {'fwd/step':>8} {'rows':>5} {'ms/step':>9} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} " \
+    header = f"{'model':5} {'route':15} {'fwd/step':>8} {'rows':>5} {'ms/step':>9} {'x plain':>8} {'cpu ms':>9} " \
+             f"{'x plain':>8} {'peak MiB':>9} {'x plain':>8} " \
              f"{'weights MiB':>11} {'x plain':>8} {'setup s':>8} {'rel.diff vs separate':>21}"
-    print(f"Self-NPO guidance cost ({'full-size' if args.full_size else 'tiny'} models, {device}, "
+    scale = f"full-width, latent {args.latent}" if args.full_width else "full-size" if args.full_size else "tiny"
+    print(f"Self-NPO guidance cost ({scale} models, {device}, "
           f"{steps} steps, NPO LoRA rank {args.rank})")
     print(header)
     for r in rows:
         peak_ratio = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "n/a"
         print(f"{r['kind']:5} {r['route']:15} {r['forwards_per_step']:8.1f} {r['rows_per_step']:5.1f} {r['step_s'] * 1e3:9.2f} {r['step_ratio']:8.2f} "
+              f"{r['step_cpu_s'] * 1e3:9.2f} {r['cpu_ratio']:8.2f} "
               f"{r['peak_bytes'] / 2**20:9.1f} {peak_ratio:>8} {r['weights_bytes'] / 2**20:11.1f} "
               f"{r['weights_ratio']:8.2f} {r['setup_s']:8.2f} {r['rel_diff_vs_separate']:21.2e}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"full_size": args.full_size, "device": device, "steps": steps, "rank": args.rank,
+        json.dump({"full_size": args.full_size, "full_width": args.full_width,
+                   "latent": args.latent if args.full_width else None, "device": device, "steps": steps, "rank": args.rank,
                    "repeats": args.repeats, "rows": rows}, f, indent=2)
         f.flush()
         os.fsync(f.fileno())

@@ -19,7 +19,14 @@ weights, bf16, gradient checkpointing) at 480 px × 17 frames and 1024 px.
 
   python bench/tdft_step.py               # tiny models on the CPU (default)
   python bench/tdft_step.py --full-size   # SD1.5 (512 px) and SDXL (1024 px) sizes, random weights, GPU
-Writes bench/results/tdft_step.json.
+  python bench/tdft_step.py --full-width  # the full SD1.5 UNet (859.5 M parameters, random weights) at a
+                                          # small latent (default 16 = 128 px), batch 1, fp32, on the CPU
+Writes bench/results/tdft_step.json (--full-width: tdft_step_full_width.json).
+
+--full-width is the real-size row a CPU can run: tiny timings are dominated by per-call overhead, the
+full-width UNet's by its matrix products and its 859.5 M-parameter optimizer step, as on a GPU. Its
+full-mode runs hold about 17-19 GB (two fp32 UNets, the gradient and AdamW's two moments); each run
+first checks that the machine has that much memory available and stops with a message otherwise.
 """
 from __future__ import annotations
 
@@ -231,7 +238,11 @@ def ours(spec: dict) -> dict:
     else:
         # the same architecture as the authors' side: ComfyUI converts the diffusers UNet itself
         ref = UNet2DConditionModel(**spec["diffusers_config"])
-        model = comfy.sd.load_diffusion_model_state_dict(ref.state_dict())
+        # the base in fp16 where the run trains float32 copies of it (full mode on the CPU): it is
+        # outside the measured peak either way, and the shared machine keeps 1.7 GB
+        base_dtype = torch.float16 if spec.get("fp16_base") and spec["mode"] == "full" else None
+        model = comfy.sd.load_diffusion_model_state_dict(ref.state_dict(), model_options={"dtype": base_dtype}
+                                                         if base_dtype else {})
         del ref
         kind = "SDXL" if spec["size"] == "sdxl" else "SD15"
         import comfy.supported_models as sm
@@ -241,6 +252,7 @@ def ours(spec: dict) -> dict:
         vae = tiny_models.build_vae(2)
     # CPU memory baseline: the loaded checkpoint (the user already has it in memory); what the
     # trainer adds from here (copies, optimizer, encoding, activations) is what is compared
+    _reset_peak_rss()  # building the checkpoint (a diffusers UNet converted by ComfyUI) is no part of training
     global _RSS_BASELINE
     _RSS_BASELINE = _current_rss()
     work = Path(tempfile.mkdtemp(prefix="tdft_bench_"))
@@ -281,6 +293,14 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Start the process's peak RSS (ru_maxrss) afresh from its current RSS (Linux: clear_refs 5)."""
+    import gc
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _sync(device):
     import torch
     if device.type == "cuda":
@@ -293,17 +313,45 @@ def _measure(one_step, spec, device, params):
         one_step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    teacher, student = [], []
+    teacher, student, cpu = [], [], []
     for _ in range(spec["steps"]):
+        c0 = time.process_time()  # CPU seconds of the process: what a busy shared machine disturbs least
         a, b = one_step()
+        cpu.append(time.process_time() - c0)
         teacher.append(a)
         student.append(b)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - _RSS_BASELINE)
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     return {"teacher_s": med(teacher), "student_s": med(student),
-            "step_s": med([a + b for a, b in zip(teacher, student)]), "peak_bytes": int(peak),
+            "step_s": med([a + b for a, b in zip(teacher, student)]), "step_cpu_s": med(cpu), "peak_bytes": int(peak),
             "trainable_params": int(params)}
+
+
+# fp32 copies of the SD1.5 UNet a full-width run holds at its peak, by (impl, mode): the authors' loop
+# keeps two UNets, the gradient and AdamW's two moments; the trainer a student and an EMA teacher, the
+# gradient, the two moments, and the fp16 base (half a copy); LoRA the base and a little more
+FULL_WIDTH_COPIES = {("authors", "full"): 5.0, ("ours", "full"): 5.5, ("ours", "lora"): 1.3}
+SD15_PARAMS = 859_520_964
+
+
+def _full_width_specs(latent: int, batch: int, ws: list[float]) -> list[dict]:
+    size = dict(size=f"sd15@{latent}", diffusers_config=SD15_DIFFUSERS, latent=latent, batch=batch, amp=False,
+                grad_ckpt=False, warmup=1, steps=1, fp16_base=True, device="cpu")
+    # the authors' loop evaluates both teacher branches whatever w is: it runs once, at w = -1
+    return [dict(size, impl="authors", mode="full", w=-1.0)] + [
+        dict(size, impl="ours", mode=mode, w=w) for w in ws for mode in ("full", "lora")]
+
+
+def _check_memory(spec: dict) -> None:
+    """Stop before a full-width run that would not fit the memory this machine has available now."""
+    need = FULL_WIDTH_COPIES[(spec["impl"], spec["mode"])] * SD15_PARAMS * 4 + 2 * 2 ** 30  # + 2 GB slack
+    with open("/proc/meminfo") as f:
+        available = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    if available < need:
+        raise SystemExit(f"not enough memory for the full-width {spec['impl']} {spec['mode']} run: it needs about "
+                         f"{need / 2 ** 30:.1f} GB, {available / 2 ** 30:.1f} GB is available now; retry when "
+                         "other processes have finished")
 
 
 def _specs(full_size: bool, device: str):
@@ -350,6 +398,13 @@ def run_one(spec: dict) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full-size", action="store_true", help="SD1.5/SDXL sizes with random weights (GPU)")
+    p.add_argument("--full-width", action="store_true",
+                   help="the full SD1.5 UNet at a small latent on the CPU (three runs of about 90 CPU seconds each, "
+                        "up to 19 GB)")
+    p.add_argument("--latent", type=int, default=16, help="--full-width latent size (default 16: 128 px)")
+    p.add_argument("--batch", type=int, default=1, help="--full-width batch (default 1)")
+    p.add_argument("--w", type=float, nargs="+", default=[-1.0],
+                   help="--full-width corruption guidance of the trainer's rows (default -1, the SD1.5 recipe)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1: shared 2-core machines)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--smoke", help="comma-separated impl:mode:size runs at latent 8, batch 1, one step "
@@ -362,7 +417,7 @@ def main(argv=None):
     device = "cuda" if args.full_size and torch.cuda.is_available() else "cpu"
     if args.full_size and device == "cpu" and not args.smoke:
         p.error("--full-size needs a CUDA GPU (or --smoke to check the code path on the CPU)")
-    specs = _specs(args.full_size, device)
+    specs = _full_width_specs(args.latent, args.batch, args.w) if args.full_width else _specs(args.full_size, device)
     if args.smoke:
         wanted = {tuple(x.split(":")) for x in args.smoke.split(",")}
         specs = [dict(s, latent=8, batch=1, warmup=0, steps=1, amp=False) for s in specs
@@ -370,6 +425,8 @@ def main(argv=None):
     rows = []
     for spec in specs:
         spec["threads"] = args.threads
+        if args.full_width:
+            _check_memory(spec)
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
                               text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -383,26 +440,30 @@ def main(argv=None):
     if args.smoke:
         print(json.dumps(rows, indent=1))
         return 0
-    # ratios against the authors' loop of the same size and w (the DiT rows have none)
+    # ratios against the authors' loop of the same size and w (full width: its one run; the DiT rows have none)
     for r in rows:
-        ref = next((x for x in rows if x["size"] == r["size"] and x["w"] == r["w"] and x["impl"] == "authors"), None)
-        for key in ("teacher_s", "student_s", "step_s", "peak_bytes"):
+        refs = [x for x in rows if x["size"] == r["size"] and x["impl"] == "authors"]
+        ref = next((x for x in refs if x["w"] == r["w"]), refs[0] if refs and r["size"].startswith("sd15@") else None)
+        for key in ("teacher_s", "student_s", "step_s", "step_cpu_s", "peak_bytes"):
             r[f"{key}_ratio"] = r[key] / ref[key] if ref and ref[key] else None
     header = (f"{'size':11} {'impl':8} {'mode':5} {'w':>5} {'teacher s':>10} {'student s':>10} {'step s':>9} "
-              f"{'peak MiB':>9} | {'teacher×':>8} {'student×':>8} {'step×':>6} {'mem×':>6}")
-    print(f"TDFT step, device={device}, batch/latent per size; × = ours / authors' loop (lower is better)")
+              f"{'cpu s':>9} {'peak MiB':>9} | {'teacher×':>8} {'student×':>8} {'step×':>6} {'cpu×':>6} {'mem×':>6}")
+    print(f"TDFT step, device={device}, batch/latent per size; × = ours / authors' loop (lower is better); "
+          "cpu s: the process's CPU seconds per step (on a shared CPU the steadier measure)")
     print(header)
     print("-" * len(header))
     ratio = lambda value, width: f"{value:{width}.2f}" if value is not None else f"{'-':>{width}}"  # noqa: E731
     for r in rows:
         print(f"{r['size']:11} {r['impl']:8} {r['mode']:5} {r['w']:5.0f} {r['teacher_s']:10.4f} {r['student_s']:10.4f} "
-              f"{r['step_s']:9.4f} {r['peak_bytes'] / 2 ** 20:9.0f} | {ratio(r['teacher_s_ratio'], 8)} "
-              f"{ratio(r['student_s_ratio'], 8)} {ratio(r['step_s_ratio'], 6)} {ratio(r['peak_bytes_ratio'], 6)}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device, "torch": torch.__version__, "threads": args.threads,
+              f"{r['step_s']:9.4f} {r['step_cpu_s']:9.4f} {r['peak_bytes'] / 2 ** 20:9.0f} | "
+              f"{ratio(r['teacher_s_ratio'], 8)} {ratio(r['student_s_ratio'], 8)} {ratio(r['step_s_ratio'], 6)} "
+              f"{ratio(r['step_cpu_s_ratio'], 6)} {ratio(r['peak_bytes_ratio'], 6)}")
+    out = RESULTS.with_name("tdft_step_full_width.json") if args.full_width else RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "torch": torch.__version__, "threads": args.threads, "full_width": args.full_width,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {RESULTS}")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}")
     return 0
 
 

@@ -42,7 +42,7 @@ def torchrun_command(nproc: int, *launcher_args) -> list[str]:
 
 def dist_env() -> dict:
     env = cli_env()
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    env.update(OMP_NUM_THREADS=str(torch.get_num_threads()), GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
     return env
 
 
@@ -70,8 +70,11 @@ def losses(run_dir: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-def assert_same_run(a: Path, b: Path, name: str, atol: float) -> None:
-    assert losses(a) == pytest.approx(losses(b), abs=atol)
+def assert_same_run(a: Path, b: Path, name: str, atol: float = 2e-6) -> None:
+    """Equal in exact arithmetic, not bit for bit: an all-reduce averages the ranks' gradients where one
+    process sums one batch. Measured with 1, 2 and 4 threads: losses differ by 1.7e-7 of the loss (1.4e-6
+    on 10.7), weights by 1.4e-7 at most; allowed: 2e-6 relative for losses, `atol` 2e-6 for weights."""
+    assert losses(a) == pytest.approx(losses(b), rel=2e-6)
     wa, wb = weights(a / name), weights(b / name)
     assert sorted(wa) == sorted(wb)
     for key in wa:
@@ -120,7 +123,7 @@ def test_two_processes_with_batch_1_equal_one_process_with_batch_2(files, one_pr
     log = finish(launch(2, run_args(files, kind, out, 1)))
     assert "process 1 of 2" in log and "finished 3 steps" in log, log[-3000:]
     assert summary(out)["processes"] == 2 and summary(out)["status"] == "finished"
-    assert_same_run(out, one_process[kind], "self_npo.safetensors", atol=1e-5)
+    assert_same_run(out, one_process[kind], "self_npo.safetensors")
 
 
 def test_two_machines_equal_one_process(files, one_process):
@@ -131,7 +134,7 @@ def test_two_machines_equal_one_process(files, one_process):
                     "--master-addr", "127.0.0.1", "--master-port", str(port)) for rank in (0, 1)]
     logs = [finish(node) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
-    assert_same_run(out, one_process["lora-prompts"], "self_npo.safetensors", atol=1e-5)
+    assert_same_run(out, one_process["lora-prompts"], "self_npo.safetensors")
 
 
 def _wait_for(predicate, timeout: float, proc) -> None:
@@ -193,7 +196,7 @@ def test_ctrl_c_stops_every_process_at_one_step_and_resume_is_bit_identical(file
     shutil.copytree(stopped, one)
     proc = single(run_args(files, kind, one, 2, "--steps", LONG, "--save-every", 1, "--resume"))
     assert proc.returncode == 0, proc.stderr
-    assert_same_run(one, straight, "self_npo.safetensors", atol=1e-5)
+    assert_same_run(one, straight, "self_npo.safetensors")
     # ... another global batch is refused, saying why
     proc = single(run_args(files, kind, stopped, 1, "--steps", LONG, "--save-every", 1, "--resume"))
     assert proc.returncode == 9 and "global batch: checkpoint 2" in proc.stderr, proc.stderr  # EXIT_MISMATCH

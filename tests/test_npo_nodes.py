@@ -90,7 +90,9 @@ def test_workflow_with_loader_guider_and_apply_through_comfyui_executor(comfy_re
                                    {"samples": torch.zeros(1, 4, 8, 8)})
     ref = ref["samples"]
     scale = ref.abs().max()
-    assert float((via_ksampler - ref).abs().max() / scale) < 1e-5
+    # the executor runs the same KSampler computation: bit-identical (measured with 1, 2 and 4 threads);
+    # the guider node batches differently: measured 2.1e-6 of the largest value, allowed 1e-4 (npo_setup.rel_err)
+    assert torch.equal(via_ksampler, ref)
     assert float((via_guider - ref).abs().max() / scale) < 1e-4
     assert float((plain - ref).abs().max() / scale) > 1e-2
 

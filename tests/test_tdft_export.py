@@ -43,8 +43,10 @@ def _assert_reproduces(trainer, ckpt, loaded_patcher):
         trained = trainer.predict_x0(x, sigma, cond)
         base = base_prediction(ckpt.model, x, sigma, cond)
         assert (trained - base).abs().max() > 1e-4  # training changed the model measurably
+        # the loaded file's patched weights against the trainer's own forward: rounding differs. Measured
+        # with 1, 2 and 4 threads: 1.8e-6 of the largest output value at most; allowed: 2e-5 of it
         torch.testing.assert_close(base_prediction(loaded_patcher, x, sigma, cond), trained,
-                                   rtol=1e-4, atol=2e-5)
+                                   rtol=0, atol=2e-5 * float(trained.abs().max()))
 
 
 def _metadata(path):

@@ -124,6 +124,8 @@ def test_exports_reload_with_no_unmatched_key_and_reproduce_the_trained_model(ki
     base = _prediction(ckpt.model, x, 0.7, cond)
     change = float((trained - base).abs().max())
     assert change > 1e-5, "training changed nothing"
+    # patched weights against the trainer's forward: measured (1, 2, 4 threads) at most 5.5e-7 of the largest
+    # output value, under 4 % of the tolerance (here and for core's loader below)
     torch.testing.assert_close(_prediction(negative, x, 0.7, cond), trained, rtol=1e-4, atol=1e-5 + 1e-3 * change)
     # ComfyUI's loader patches the weights of leaf layers only: a parameter of a block itself (Wan's
     # `modulation`, LTXV's `scale_shift_table`) keeps its stored value there (core behaviour)
@@ -178,8 +180,13 @@ def test_gradient_checkpointing_gives_exactly_the_gradients_of_training_without_
         if kind in ("chroma", "ltxv", "hunyuan_video15"):
             assert trainer.saved_copies == (not checkpointing)  # found by the probe without checkpointing
     assert sum(float(g.abs().sum()) for g in grads[False]) > 0
+    # Equal in exact arithmetic, not bit for bit: the recomputation inside the backward pass sums a
+    # parameter's gradient contributions in another order. Measured with 1, 2 and 4 threads: the largest
+    # difference is 1.7e-7 of the run's largest gradient (wan21; ltxv 1.3e-7, hunyuan_video15 1.7e-7,
+    # sd3 1.7e-7, chroma bit-identical), about one float32 rounding step; allowed: 2e-6 of it.
+    scale = max(float(g.abs().max()) for g in grads[False])
     for without, with_ in zip(grads[False], grads[True]):
-        torch.testing.assert_close(with_, without, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(with_, without, rtol=0, atol=2e-6 * scale)
 
 
 @pytest.mark.parametrize("kind", ["flux_dev", "hunyuan_video"])

@@ -54,8 +54,10 @@ def test_lora_mode_changes_only_adapter_tensors(tiny, images, tmp_path):
     # the trained model differs from the base, and the node's negative MODEL carries exactly it
     trained = trainer.predict_x0(x, 2.0, cond)
     assert (trained - user_before).abs().max() > 1e-4
+    # ComfyUI's patched weights against the trainer's hooked adapters: rounding differs. Measured with
+    # 1, 2 and 4 threads: 7.7e-7 of the largest output value; allowed: 1e-5 of it (also in the tests below)
     torch.testing.assert_close(base_prediction(trainer.negative_model(), x, 2.0, cond), trained,
-                               rtol=1e-5, atol=1e-5)
+                               rtol=0, atol=1e-5 * float(trained.abs().max()))
 
 
 def test_full_mode_updates_the_unet_on_a_copy(tiny, images, tmp_path):
@@ -71,8 +73,9 @@ def test_full_mode_updates_the_unet_on_a_copy(tiny, images, tmp_path):
     torch.testing.assert_close(base_prediction(ckpt.model, x, 2.0, cond), user_before, rtol=0, atol=0)
     trained = trainer.predict_x0(x, 2.0, cond)
     assert (trained - user_before).abs().max() > 1e-3
+    # base + offset against the trained copy (measured 7.5e-7 of the largest output value): see above
     torch.testing.assert_close(base_prediction(trainer.negative_model(), x, 2.0, cond), trained,
-                               rtol=1e-5, atol=1e-5)
+                               rtol=0, atol=1e-5 * float(trained.abs().max()))
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -199,8 +202,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny, images, tmp_path,
         trainer.train_step()
         assert (len(calls) > 0) == flag
     assert sum(float(g.abs().sum()) for g in grads[False]) > 0
+    # Equal in exact arithmetic; the recomputation sums gradient contributions in another order.
+    # Measured with 1, 2 and 4 threads: the largest difference is 3.4e-7 (full) and 8.5e-7 (LoRA) of
+    # the largest gradient; allowed: 1e-5 of it.
+    scale = max(float(g.abs().max()) for g in grads[False])
     for g0, g1 in zip(grads[False], grads[True]):
-        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g1, g0, rtol=0, atol=1e-5 * scale)
 
 
 def test_mixed_precision_steps_track_float32(tiny, images, tmp_path):
@@ -423,8 +430,9 @@ def test_lora_targets_that_match_nothing_are_reported(tiny, images, tmp_path):
     x, cond, base = _probe(trainer, ckpt)
     trained = trainer.predict_x0(x, 2.0, cond)
     assert (trained - base).abs().max() > 1e-5
+    # measured 6.9e-7 of the largest output value (1, 2, 4 threads), as in the LoRA-mode test above
     torch.testing.assert_close(base_prediction(trainer.negative_model(), x, 2.0, cond), trained,
-                               rtol=1e-5, atol=1e-5)
+                               rtol=0, atol=1e-5 * float(trained.abs().max()))
 
 
 def test_latent_dataset_trains_like_the_image_folder_it_came_from(tiny, images, tmp_path):
@@ -586,6 +594,8 @@ def test_lora_training_on_a_partly_loaded_model_equals_training_on_a_fully_loade
     layers = streamed_layers(streamed.base_model.diffusion_model, streamed.device)
     assert len(layers) >= 3 and streamed.base_patcher.model.model_lowvram
     assert not {layer.weight.data_ptr() for layer in layers} & set(saved)
-    assert streamed_losses == pytest.approx(reference_losses, rel=1e-5)
+    # the same operations in the same order on the same weight values: bit-identical (measured so with
+    # 1, 2 and 4 threads)
+    assert streamed_losses == reference_losses
     for key, value in reference.trained.module.state_dict().items():
-        torch.testing.assert_close(streamed.trained.module.state_dict()[key], value, rtol=1e-4, atol=1e-7)
+        assert torch.equal(streamed.trained.module.state_dict()[key], value), key
