@@ -6,7 +6,8 @@ max_memory_allocated), but every tensor byte it holds is resident once written (
 initialised, so no untouched pages), and the step runs in a fresh process, so nothing else grows.
 glibc would keep freed large blocks in its heap (its mmap threshold grows after each free), which
 makes RSS lag behind freed tensors; `MALLOC_MMAP_THRESHOLD_` pins the threshold, so every block above
-64 KiB is its own mapping, returned at free. The first step in a process also pays one-off costs that
+64 KiB is its own mapping, returned at free, and `malloc_trim` returns the free pages of the heap
+before each measurement, so smaller tensors that reuse them count too. The first step in a process also pays one-off costs that
 are no tensors (lazy imports while ComfyUI builds a model, the kernel libraries' buffers: measured
 ~165 MB): a warm-up step of a tiny size runs first. Then the peak counter (VmHWM) is reset
 (`/proc/self/clear_refs`) and the baseline is the RSS at that point.
@@ -77,6 +78,7 @@ def _real_step(spec: dict) -> None:
 
 def measure(specs: list[dict]) -> list[int]:
     """Peak bytes above the baseline of each spec's step, one after the other in this process."""
+    import ctypes
     import gc
 
     import torch
@@ -84,8 +86,10 @@ def measure(specs: list[dict]) -> list[int]:
     torch.set_num_threads(1)
     _real_step({**specs[0], "width": 32, "latent": 8})  # warm-up (see the module docstring)
     peaks = []
+    libc = ctypes.CDLL("libc.so.6")
     for spec in specs:
         gc.collect()
+        libc.malloc_trim(0)  # free heap pages back to the system: reusing them counts as growth
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         baseline = _rss("VmRSS")
         _real_step(spec)

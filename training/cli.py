@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo", action="store_true", default=None,
                      help="train a Self-NPO negative model of the built-in handwritten-digits model (about two "
                           "minutes on a CPU) and write a CFG vs NPO-CFG grid with measured quality")
+    run.add_argument("--plan", action="store_true", default=None,
+                     help="print the predicted peak GPU memory and compute of a training step of this model and "
+                          "config (one step run on fake tensors: works on any machine, needs no --data), then exit")
     run.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
     run.add_argument("--verbose", "-v", action="store_true", default=None, help="log what the trainer does")
     run.add_argument("--dist-timeout", type=float,
@@ -203,7 +206,7 @@ def _check_args(args) -> None:
     if args.data and args.prompts:
         raise UsageError("give either --data DIR or --prompts FILE, not both")
     if not args.demo:
-        if not (args.data or args.prompts):
+        if not (args.data or args.prompts or args.plan):
             raise UsageError("no training data: pass --data DIR (images + captions) or --prompts FILE")
         if not (args.checkpoint or args.diffusion_model):
             raise UsageError("no model: pass --checkpoint FILE, or --diffusion-model FILE with --text-encoder FILE")
@@ -564,8 +567,22 @@ def _exit_code(e: BaseException, stop) -> int:
     raise e
 
 
+def _plan(args, config) -> int:
+    """--plan: load the model as a run would, print the planner's table (planner.py), train nothing."""
+    from .planner import format_plan, plan_for_model
+
+    try:
+        loaded = _load(args)
+        print(format_plan(plan_for_model(loaded.model, loaded.clip, loaded.vae, config, _say)), flush=True)
+    except BaseException as e:  # noqa: B902  bad model files get their documented exit status
+        return _exit_code(e, StopRequest())
+    return EXIT_OK
+
+
 def run(args) -> int:
     config = _config_from_args(args)
+    if args.plan:
+        return _plan(args, config)
     paths = _run_paths(args, config)
     from .distributed import launched_by_torchrun
 

@@ -283,3 +283,50 @@ def plan(model_config, config, text, latent_shape, dtype=None, name: str = "", b
     return Plan(model=name or type(model_config).__name__, weight_dtype=str(dtype).removeprefix("torch."),
                 attention=attention, checkpointing=config.gradient_checkpointing, other_checkpointing_peak=other,
                 seconds=time.perf_counter() - started, **raw)
+
+
+def plan_for_model(patcher, clip, vae, config, log=lambda message: None) -> Plan:
+    """The plan of training `patcher` (a loaded ComfyUI MODEL) with its CLIP and VAE under `config`,
+    as the trainer would run it: the family's LoRA layers and precision, the latent shape the data
+    will be encoded to, the conditioning the CLIP makes of the empty prompt."""
+    from .families import family_of, makes_video
+    from .geometry import latent_geometry
+    from .trainer import family_settings
+
+    base = patcher.model
+    family = family_of(base)
+    run_config = family_settings(config, family)
+    latent_shape = latent_geometry(base, vae, makes_video(family, base), config.frames).shape(config.resolution)
+    if clip is not None:
+        from .conditioning import TextEncoder
+
+        text = TextEncoder(base, clip, latent_shape).conditioning("")
+    else:
+        text = TextShape(77, int(base.model_config.unet_config.get("context_dim") or 768))
+    stored = base.get_dtype()
+    dtype = stored if stored != torch.float32 else gpu_weight_dtype(base.model_config)
+    log(f"planning one training step of {family.name} on fake tensors ...")
+    return plan(base.model_config, run_config, text, latent_shape, dtype, name=type(base.model_config).__name__,
+                both_checkpointing=True)
+
+
+def _gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / GIB:.2f} GB"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as the CLI's --plan and the training node print it."""
+    rows = [f"Plan: one optimizer step of {p.model} (weights {p.weight_dtype}; {p.trainable_params / 1e6:.1f} M "
+            f"trainable parameters; attention: {p.attention})",
+            f"  peak accelerator memory    {_gb(p.peak)}  (during the {p.peak_phase})"]
+    rows += [f"    {kind:<26} {_gb(n)}" for kind, n in p.parts.items()]
+    rows += ["  weights by dtype           " + ", ".join(f"{d} {_gb(n)}" for d, n in p.weights_by_dtype.items())]
+    if p.other_checkpointing_peak is not None:
+        label = "without" if p.checkpointing else "with"
+        rows.append(f"  peak {label} gradient checkpointing: {_gb(p.other_checkpointing_peak)}")
+    rows.append(f"  compute per optimizer step {p.flop / 1e12:.2f} TFLOP (teacher {p.teacher_flop / 1e12:.2f}, "
+                f"student {p.student_flop / 1e12:.2f})")
+    fits = "  ".join(f"{gb} GB {'yes' if p.fits(gb) else 'no'}" for gb in CARDS_GB)
+    rows.append(f"  fits (keeping {CARD_RESERVE_GB:g} GB for CUDA): {fits}")
+    rows.append(f"  planned in {p.seconds:.1f} s on this machine's CPU, nothing allocated")
+    return "\n".join(rows)
