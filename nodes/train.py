@@ -229,6 +229,7 @@ def _train(model, clip, vae, data, config, paths, name, preview_every, seed):
                              on_preview=progress.preview, should_stop=progress.should_stop,
                              on_prepare=progress.prepare, extra_summary={"node": "SelfNPOTrainTDFT", "name": name})
     session = TrainingSession(model, clip, vae, data, config, paths, options)
+    plan_report(model, clip, vae, config)
     try:
         trainer = session.prepare()
         progress.bar.update_absolute(trainer.step, config.steps)
@@ -242,6 +243,20 @@ def _train(model, clip, vae, data, config, paths, name, preview_every, seed):
     finally:
         session.close()
         mm.soft_empty_cache()
+
+
+def plan_report(model, clip, vae, config) -> str:
+    """The planner's prediction for this run (peak GPU memory, TFLOP per step, which cards it fits),
+    logged before training starts; "" when the planner cannot trace the model (training goes on)."""
+    from ..training.planner import format_plan, plan_for_model
+
+    try:
+        text = format_plan(plan_for_model(model, clip, vae, config, both_checkpointing=False))
+    except Exception as e:  # a prediction must never stop a run
+        log.warning("Self-NPO Train: no memory plan for this model (%s: %s)", type(e).__name__, e)
+        return ""
+    log.info("Self-NPO Train: %s", text)
+    return text
 
 
 def run_report(result) -> str:

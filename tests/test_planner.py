@@ -96,3 +96,15 @@ def test_cli_plan_prints_the_table_and_trains_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "peak accelerator memory" in proc.stdout and "fits" in proc.stdout, proc.stdout
     assert "attention_pytorch" in proc.stdout and not out.exists()
+
+
+def test_train_node_plan_report_gives_the_plan_of_its_model(tiny):
+    """The node's hook (nodes/train.py plan_report): the plan of the MODEL it was given, as stored on a
+    GPU (fp16 for an SD UNet), before training starts."""
+    from comfy_selfnpo.nodes.train import plan_report
+
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    config = make_config("lora-8gb", resolution=64, batch_size=1, grad_accum=1)
+    text = plan_report(ckpt.model, ckpt.clip, ckpt.vae, config)
+    assert "peak accelerator memory" in text and "float16" in text, text
+    assert "attention_pytorch" in text and "fits" in text and "TFLOP" in text, text

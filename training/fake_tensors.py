@@ -151,3 +151,35 @@ def target_attention(name: str = "pytorch"):
     finally:
         for module, attr, value in swapped:
             setattr(module, attr, value)
+
+
+def _cast_fake_module(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, t in table.items():
+                if t is None or dtype is None or not t.is_floating_point() or t.dtype == dtype:
+                    continue
+                cast = t.detach().to(dtype)
+                table[name] = torch.nn.Parameter(cast, t.requires_grad) if isinstance(t, torch.nn.Parameter) else cast
+    return module
+
+
+@contextlib.contextmanager
+def fake_module_casts():
+    """`Module.to(...)` of a module with fake parameters: torch 2.13 swaps each parameter object in
+    place there (torch.utils.swap_tensors), which refuses fake tensors that fake-tensor bookkeeping
+    holds weak references to. Inside this block such a module's floating-point tensors are replaced
+    by cast copies instead (all fake tensors live on the CPU, so there is no device to move to)."""
+    original = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if not any(isinstance(p, FakeTensor) for p in self.parameters()):
+            return original(self, *args, **kwargs)
+        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+        return _cast_fake_module(self, dtype)
+
+    torch.nn.Module.to = to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original

@@ -31,7 +31,7 @@ import torch
 
 from . import tdft
 from .draws import ItemRandom
-from .fake_tensors import FlopTally, HostFakeMode, MemoryTracker, target_attention
+from .fake_tensors import FlopTally, HostFakeMode, MemoryTracker, fake_module_casts, target_attention
 from .grad_checkpointing import gradient_checkpointing
 from .optimization import Optimization
 from .trained import make_trained
@@ -243,7 +243,8 @@ def _model_inputs(base_model, text, latent_shape) -> dict:
 def _trace(model_config, config, text, latent_shape, dtype) -> tuple[dict, str]:
     """One fake optimizer step; the raw figures."""
     tracker, counter = MemoryTracker(), FlopTally()
-    with target_attention() as attention, HostFakeMode(tracker, counter), torch.inference_mode(False):
+    with target_attention() as attention, fake_module_casts(), HostFakeMode(tracker, counter), \
+            torch.inference_mode(False):
         run = build_run(fake_model(model_config, dtype), config)
         cond = _model_inputs(run.patcher.model, text, latent_shape)
         steady_state(run)
@@ -285,7 +286,7 @@ def plan(model_config, config, text, latent_shape, dtype=None, name: str = "", b
                 seconds=time.perf_counter() - started, **raw)
 
 
-def plan_for_model(patcher, clip, vae, config, log=lambda message: None) -> Plan:
+def plan_for_model(patcher, clip, vae, config, log=lambda message: None, both_checkpointing=True) -> Plan:
     """The plan of training `patcher` (a loaded ComfyUI MODEL) with its CLIP and VAE under `config`,
     as the trainer would run it: the family's LoRA layers and precision, the latent shape the data
     will be encoded to, the conditioning the CLIP makes of the empty prompt."""
@@ -307,7 +308,7 @@ def plan_for_model(patcher, clip, vae, config, log=lambda message: None) -> Plan
     dtype = stored if stored != torch.float32 else gpu_weight_dtype(base.model_config)
     log(f"planning one training step of {family.name} on fake tensors ...")
     return plan(base.model_config, run_config, text, latent_shape, dtype, name=type(base.model_config).__name__,
-                both_checkpointing=True)
+                both_checkpointing=both_checkpointing)
 
 
 def _gb(n: int | None) -> str:
