@@ -14,7 +14,7 @@ own sizes: SD1.5 512 px batch 20, SDXL 1024 px batch 10 with gradient checkpoint
   python bench/plan_table.py                       # every model x preset (~1 h on 2 busy cores)
   python bench/plan_table.py --models SDXL --presets lora-12gb
   python bench/plan_table.py --authors
-Writes bench/results/plan_table.json (and prints the Markdown table).
+Writes bench/results/plan_table.json (and prints the Markdown table); --authors plan_authors.json.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import time
 from _boot import ROOT, boot_comfyui
 
 RESULTS = ROOT / "bench" / "results" / "plan_table.json"
+AUTHORS_RESULTS = ROOT / "bench" / "results" / "plan_authors.json"
 THROUGHPUT_TFLOPS = 66.0
 LORA_PRESETS = ("lora-8gb", "lora-12gb", "lora-16gb", "lora-24gb")
 # the authors' published recipes: their SDXL corruption guidance (the recipe helper's family recipes
@@ -90,9 +91,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _save(payload: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(payload, indent=1))
+def _save(payload: dict, path=RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
 
 
 def main(argv=None) -> None:
@@ -103,11 +104,10 @@ def main(argv=None) -> None:
     parser.add_argument("--presets", nargs="*", default=[*LORA_PRESETS, "as-published"])
     parser.add_argument("--authors", action="store_true", help="only the comparison with the authors' loop")
     args = parser.parse_args(argv)
-    payload = {"throughput_tflops": THROUGHPUT_TFLOPS, "rows": [], "authors": []}
     if args.authors:
-        payload["authors"] = authors_comparison()
-        _save(payload)
+        _save({"authors": authors_comparison()}, AUTHORS_RESULTS)
         return
+    payload = {"throughput_tflops": THROUGHPUT_TFLOPS, "rows": []}
     for name, preset, overrides in _rows(args.models, args.presets):
         row = plan_row(REAL_MODELS[name], preset, overrides)
         payload["rows"].append(row)

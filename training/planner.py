@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import tdft
+from .autograd_safety import INPLACE_ERROR, saved_tensor_copies
 from .draws import ItemRandom
 from .fake_tensors import FlopTally, HostFakeMode, MemoryTracker, fake_module_casts, target_attention
 from .grad_checkpointing import gradient_checkpointing
@@ -98,6 +99,7 @@ class _Run:
     optim: Optimization
     schedule: tdft.NoiseSchedule
     grid: torch.Tensor
+    saved_copies: bool = False  # autograd keeps copies of what it saves (autograd_safety.py)
 
 
 def build_run(patcher, config) -> _Run:
@@ -134,7 +136,7 @@ def micro_batch(run: _Run, cond: dict, latent_shape, on_phase=lambda name: None)
     def denoiser(forward, phase):
         def denoise(x, t, inputs):
             on_phase(phase)
-            with run.optim.autocast():
+            with run.optim.autocast(), saved_tensor_copies(run.saved_copies):
                 return forward(x, run.schedule.sigma(t, device=x.device), inputs).float()
         return denoise
 
@@ -169,6 +171,24 @@ class _Phases:
 
     def finish(self) -> None:
         self._close()
+
+    def restart(self) -> None:
+        self.flop, self._mark = {"teacher": 0, "student": 0}, self.counter.total
+        self.tracker.reset_peak()
+
+
+def _probed_micro_batch(run: _Run, cond: dict, latent_shape, phases: _Phases) -> None:
+    """micro_batch; for a model whose blocks update tensors in place, again with the saved-tensor
+    copies the trainer then switches on (its probe: trainer._probe_in_place_updates)."""
+    try:
+        micro_batch(run, cond, latent_shape, phases)
+        return
+    except RuntimeError as e:
+        if INPLACE_ERROR not in str(e):
+            raise
+    run.saved_copies = True
+    phases.restart()
+    micro_batch(run, cond, latent_shape, phases)
 
 
 def _bytes(tensors, keys=None) -> int:
@@ -250,7 +270,7 @@ def _trace(model_config, config, text, latent_shape, dtype) -> tuple[dict, str]:
         steady_state(run)
         phases = _Phases(tracker, counter)
         tracker.reset_peak()
-        micro_batch(run, cond, latent_shape, phases)
+        _probed_micro_batch(run, cond, latent_shape, phases)
         grads = [p.grad for p in run.trained.parameters()]
         phases("optimizer step")
         run.optim.step()
