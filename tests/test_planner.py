@@ -108,3 +108,15 @@ def test_train_node_plan_report_gives_the_plan_of_its_model(tiny):
     text = plan_report(ckpt.model, ckpt.clip, ckpt.vae, config)
     assert "peak accelerator memory" in text and "float16" in text, text
     assert "attention_pytorch" in text and "fits" in text and "TFLOP" in text, text
+
+
+def test_a_family_with_in_place_blocks_is_planned_with_the_trainers_saved_copies(tiny):
+    """Chroma's blocks update tensors in place; the trainer then lets autograd keep copies of what it
+    saves (trainer._probe_in_place_updates), and so does the planner's step; SD1.5's do not."""
+    config = make_config("lora-8gb", resolution=64, batch_size=1, grad_accum=1, truncation_steps=1,
+                         gradient_checkpointing=False)
+    notes = {}
+    for kind in ("chroma", "sd15"):
+        ckpt = tiny.build_checkpoint(kind, seed=0)
+        notes[kind] = planner.plan_for_model(ckpt.model, ckpt.clip, ckpt.vae, config, both_checkpointing=False).notes
+    assert notes == {"chroma": [planner.SAVED_COPIES_NOTE], "sd15": []}

@@ -38,6 +38,7 @@ from .optimization import Optimization
 from .trained import make_trained
 
 GIB = 2 ** 30
+SAVED_COPIES_NOTE = "its blocks update tensors in place: autograd keeps copies of what it saves (as in training)"
 CARDS_GB = (8, 12, 16, 24, 48, 80)
 CARD_RESERVE_GB = 1.0  # CUDA context (~0.5 GB) and the caching allocator's slack, kept free on every card
 
@@ -285,7 +286,8 @@ def _trace(model_config, config, text, latent_shape, dtype) -> tuple[dict, str]:
         raw = dict(peak=tracker.peak - saving, peak_phase=tracker.peak_phase, parts=parts, weights_by_dtype=weights,
                    trainable_params=sum(p.numel() for p in run.trained.parameters()),
                    teacher_flop=phases.flop["teacher"] * config.grad_accum,
-                   student_flop=phases.flop["student"] * config.grad_accum)
+                   student_flop=phases.flop["student"] * config.grad_accum,
+                   notes=[SAVED_COPIES_NOTE] if run.saved_copies else [])
     return raw, attention
 
 
@@ -349,5 +351,6 @@ def format_plan(p: Plan) -> str:
                 f"student {p.student_flop / 1e12:.2f})")
     fits = "  ".join(f"{gb} GB {'yes' if p.fits(gb) else 'no'}" for gb in CARDS_GB)
     rows.append(f"  fits (keeping {CARD_RESERVE_GB:g} GB for CUDA): {fits}")
+    rows += [f"  note: {note}" for note in p.notes]
     rows.append(f"  planned in {p.seconds:.1f} s on this machine's CPU, nothing allocated")
     return "\n".join(rows)
