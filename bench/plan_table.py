@@ -23,6 +23,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 from _boot import ROOT, boot_comfyui
 
@@ -103,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="*", default=list(REAL_MODELS), choices=list(REAL_MODELS))
     parser.add_argument("--presets", nargs="*", default=[*LORA_PRESETS, "as-published"])
     parser.add_argument("--authors", action="store_true", help="only the comparison with the authors' loop")
+    parser.add_argument("--out", default=str(RESULTS), help=f"JSON written (default {RESULTS})")
     args = parser.parse_args(argv)
     if args.authors:
         _save({"authors": authors_comparison()}, AUTHORS_RESULTS)
@@ -111,11 +113,11 @@ def main(argv=None) -> None:
     for name, preset, overrides in _rows(args.models, args.presets):
         row = plan_row(REAL_MODELS[name], preset, overrides)
         payload["rows"].append(row)
-        _save(payload)
+        _save(payload, Path(args.out))
         print(f"  {name} {preset}: {row['peak_gb']:.2f} GB, {row['tflop']:.0f} TFLOP ({row['plan_s']:.0f} s)",
               file=sys.stderr, flush=True)
     print(markdown(payload["rows"]))
-    print(f"\nminutes at a sustained {THROUGHPUT_TFLOPS:g} TFLOP/s; written {RESULTS}")
+    print(f"\nminutes at a sustained {THROUGHPUT_TFLOPS:g} TFLOP/s; written {args.out}")
 
 
 # ------------------------------------------------------------------ against the authors' loop
