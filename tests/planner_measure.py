@@ -16,14 +16,12 @@ are no tensors (lazy imports while ComfyUI builds a model, the kernel libraries'
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
@@ -105,22 +103,10 @@ def measured_peaks(specs: list[dict]) -> list[int]:
     return json.loads(out.stdout.strip().splitlines()[-1])["measured"]
 
 
-def _boot() -> None:
-    spec = importlib.util.find_spec("comfy_selfnpo")
-    if spec is None or not spec.origin or Path(spec.origin).resolve().parent != PACK_ROOT:
-        spec = importlib.util.spec_from_file_location("comfy_selfnpo", PACK_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(PACK_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfy_selfnpo"] = module
-        spec.loader.exec_module(module)
-    from comfy_selfnpo.comfyui_env import ensure_comfyui
-
-    ensure_comfyui(cpu=True)
-
-
 if __name__ == "__main__":
-    _boot()
     import logging
+
+    import conftest  # noqa: F401  boots the pack and ComfyUI (CPU mode) as for the tests
 
     logging.disable(logging.WARNING)
     print(json.dumps({"measured": measure(json.loads(sys.argv[1]))}))
