@@ -242,14 +242,15 @@ def _eight_bit_saving(run: _Run, parts: dict) -> int:
 @dataclass
 class TextShape:
     """What the text encoder hands the model, for planning without one: [1, tokens, dim] embeddings,
-    an optional pooled vector and an optional attention mask (LTXV reads T5's)."""
+    an optional pooled vector (None: an encoder that hands the model `pooled_output=None`, as Chroma's
+    T5) and an optional attention mask (LTXV reads T5's)."""
     tokens: int
     dim: int
-    pooled: int = 0
+    pooled: int | None = 0
     mask: bool = False
 
     def conditioning(self) -> list:
-        extras = {"pooled_output": torch.zeros(1, self.pooled)} if self.pooled else {}
+        extras = {"pooled_output": torch.zeros(1, self.pooled) if self.pooled else None} if self.pooled != 0 else {}
         if self.mask:
             extras["attention_mask"] = torch.ones(1, self.tokens)
         return [[torch.zeros(1, self.tokens, self.dim), extras]]

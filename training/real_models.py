@@ -81,7 +81,7 @@ REAL_MODELS: dict[str, RealModel] = {m.name: m for m in (
         "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": _FLUX_AXES,
         "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120,
         "n_layers": 5, "txt_ids_dims": [], "vec_in_dim": None},
-        TextShape(77, 4096), 1024),
+        TextShape(77, 4096, pooled=None), 1024),
     # LTX-Video 2B (0.9.x): T5-XXL padded to 128 tokens; its VAE compresses 32x in space, 8x in time
     RealModel("LTXV 2B", "LTXV", {"image_model": "ltxv", "num_layers": 28, "cross_attention_dim": 2048,
                                   "attention_head_dim": 64, "num_attention_heads": 32, "caption_channels": 4096},
