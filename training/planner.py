@@ -252,7 +252,7 @@ class TextShape:
     def conditioning(self) -> list:
         extras = {"pooled_output": torch.zeros(1, self.pooled) if self.pooled else None} if self.pooled != 0 else {}
         if self.mask:
-            extras["attention_mask"] = torch.ones(1, self.tokens)
+            extras["attention_mask"] = torch.ones(1, self.tokens, dtype=torch.long)  # as T5 hands it over
         return [[torch.zeros(1, self.tokens, self.dim), extras]]
 
 

@@ -85,5 +85,5 @@ REAL_MODELS: dict[str, RealModel] = {m.name: m for m in (
     # LTX-Video 2B (0.9.x): T5-XXL padded to 128 tokens; its VAE compresses 32x in space, 8x in time
     RealModel("LTXV 2B", "LTXV", {"image_model": "ltxv", "num_layers": 28, "cross_attention_dim": 2048,
                                   "attention_head_dim": 64, "num_attention_heads": 32, "caption_channels": 4096},
-              TextShape(128, 4096, mask=True), 768, frames=17, spatial=32, temporal=8),
+              TextShape(128, 4096, pooled=None, mask=True), 768, frames=17, spatial=32, temporal=8),
 )}
