@@ -105,13 +105,17 @@ def main(argv=None) -> None:
     parser.add_argument("--presets", nargs="*", default=[*LORA_PRESETS, "as-published"])
     parser.add_argument("--authors", action="store_true", help="only the comparison with the authors' loop")
     parser.add_argument("--out", default=str(RESULTS), help=f"JSON written (default {RESULTS})")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                        help="config overrides of every row, e.g. gradient_checkpointing=true batch_size=4")
     args = parser.parse_args(argv)
     if args.authors:
         _save({"authors": authors_comparison()}, AUTHORS_RESULTS)
         return
     payload = {"throughput_tflops": THROUGHPUT_TFLOPS, "rows": []}
+    extra = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     for name, preset, overrides in _rows(args.models, args.presets):
-        row = plan_row(REAL_MODELS[name], preset, overrides)
+        row = plan_row(REAL_MODELS[name], preset, {**overrides, **extra})
+        row["overrides"] = extra
         payload["rows"].append(row)
         _save(payload, Path(args.out))
         print(f"  {name} {preset}: {row['peak_gb']:.2f} GB, {row['tflop']:.0f} TFLOP ({row['plan_s']:.0f} s)",
