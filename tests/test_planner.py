@@ -2,7 +2,7 @@
 formulas, and a plan of the full-size SDXL UNet on this CPU without allocating it."""
 from __future__ import annotations
 
-import resource
+import dataclasses
 import time
 from pathlib import Path
 
@@ -120,3 +120,13 @@ def test_a_family_with_in_place_blocks_is_planned_with_the_trainers_saved_copies
         ckpt = tiny.build_checkpoint(kind, seed=0)
         notes[kind] = planner.plan_for_model(ckpt.model, ckpt.clip, ckpt.vae, config, both_checkpointing=False).notes
     assert notes == {"chroma": [planner.SAVED_COPIES_NOTE], "sd15": []}
+
+
+def test_eight_bit_adamw_is_planned_at_two_bytes_per_parameter():
+    spec = {**MEASURED[0], "width": 32, "latent": 16}
+    latent = (4, 16, 16)
+    plans = {name: planner.plan(sd15_config(32), dataclasses.replace(run_config(spec), optimizer=name),
+                                planner.TextShape(77, 256), latent, torch.float32) for name in ("adamw", "adamw8bit")}
+    fp32, eight_bit = plans["adamw"].parts["optimizer state"], plans["adamw8bit"].parts["optimizer state"]
+    assert fp32 == 8 * plans["adamw"].trainable_params and eight_bit == fp32 // 4
+    assert plans["adamw"].peak - plans["adamw8bit"].peak == fp32 - eight_bit

@@ -28,6 +28,18 @@ _HOST_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, 
 _INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
 
 
+def _factory_dtype(func, args, kwargs) -> torch.dtype:
+    """The dtype a factory op (no tensor inputs) makes."""
+    dtype = kwargs.get("dtype")
+    if dtype is not None:
+        return dtype
+    if func._overloadpacket in (_aten.randint, _aten.randperm):
+        return torch.int64
+    if func._overloadpacket is _aten.arange and all(isinstance(a, int) for a in args):
+        return torch.int64
+    return torch.get_default_dtype()
+
+
 def _masks_as_positions(indices):
     out = []
     for index in indices:
@@ -104,25 +116,30 @@ class HostFakeMode(FakeTensorMode):
     def __init__(self, tracker: MemoryTracker | None = None, flops: FlopTally | None = None):
         super().__init__(allow_non_fake_inputs=True)
         self.tracker, self.flops = tracker, flops
+        self._depth = 0  # ops the fake mode runs inside an op (decompositions) are that op's own business
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        self._depth += 1
+        try:
+            return self._dispatch(func, types, args, kwargs or {})
+        finally:
+            self._depth -= 1
+
+    def _dispatch(self, func, types, args, kwargs):
         tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         if not any(isinstance(t, FakeTensor) for t in tensors):
-            if tensors:
-                return func(*args, **kwargs)
+            if tensors or _factory_dtype(func, args, kwargs) in _HOST_DTYPES:
+                return func(*args, **kwargs)  # never through the fake path: it must not touch a generator
             out = super().__torch_dispatch__(func, types, args, kwargs)
-            if isinstance(out, torch.Tensor) and out.dtype in _HOST_DTYPES:
-                return func(*args, **kwargs)
         else:
             if func is _aten._local_scalar_dense.default:
                 return 0.0 if tensors[0].dtype.is_floating_point else 0
             if func in _INDEX_OPS:
                 args = (args[0], _masks_as_positions(args[1]), *args[2:])
             out = super().__torch_dispatch__(func, types, args, kwargs)
-            if self.flops is not None:
+            if self.flops is not None and self._depth == 1:
                 self.flops.add(func, args, kwargs, out)
-        if self.tracker is not None:
+        if self.tracker is not None and self._depth == 1:
             for t in tree_leaves(out):
                 if isinstance(t, FakeTensor):
                     self.tracker.add(t)

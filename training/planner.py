@@ -106,7 +106,9 @@ class _Run:
 def build_run(patcher, config) -> _Run:
     """`config`: the run's config with the family's choices made (trainer.family_settings)."""
     trained = make_trained(patcher, config)
-    optim = Optimization(trained.parameters(), config, torch.device("cpu"), lambda msg: None)
+    # 8-bit AdamW (bitsandbytes, CUDA only) is traced as float32 AdamW and corrected (_eight_bit_saving)
+    traced = dataclasses.replace(config, optimizer="adamw")
+    optim = Optimization(trained.parameters(), traced, torch.device("cpu"), lambda msg: None)
     optim.optimizer.param_groups[0]["foreach"] = True  # the GPU's multi-tensor path, with its temporaries
     schedule = tdft.NoiseSchedule.from_model_sampling(patcher.model.model_sampling)
     return _Run(patcher, config, trained, optim, schedule, tdft.ddim_grid(schedule.T, config.grid_size))
@@ -250,7 +252,11 @@ class TextShape:
     mask: bool = False
 
     def conditioning(self) -> list:
-        extras = {"pooled_output": torch.zeros(1, self.pooled) if self.pooled else None} if self.pooled != 0 else {}
+        extras = {}
+        if self.pooled is None:
+            extras["pooled_output"] = None
+        elif self.pooled:
+            extras["pooled_output"] = torch.zeros(1, self.pooled)
         if self.mask:
             extras["attention_mask"] = torch.ones(1, self.tokens, dtype=torch.long)  # as T5 hands it over
         return [[torch.zeros(1, self.tokens, self.dim), extras]]
