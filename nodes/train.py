@@ -260,7 +260,6 @@ class SelfNPOTrainTDFT(io.ComfyNode):
                 corruption_guidance)), model)
         except ValueError as e:
             raise ValueError(f"Self-NPO Train: {e}") from None
-        show_recipe(model, config)
         data = data_source(input_folder, data_folder, prompts, config)
         trainer, result = _train(model, clip, vae, data, config, paths, name, preview_every, seed, on_existing_run)
         _refresh_loader_list()
@@ -274,10 +273,12 @@ def _train(model, clip, vae, data, config, paths, name, preview_every, seed, on_
     from ..training.session import SessionOptions, TrainingSession
 
     progress = NodeProgress(config.steps)
-    options = SessionOptions(**ON_EXISTING_RUN[on_existing_run], preview_every=preview_every, preview_seed=seed, on_step=progress.step,
-                             on_preview=progress.preview, should_stop=progress.should_stop,
+    recipe, plan = recipe_text(model, config), plan_report(model, clip, vae, config)
+    show_before_training("\n".join(text for text in (recipe, plan) if text))
+    options = SessionOptions(**ON_EXISTING_RUN[on_existing_run], preview_every=preview_every, preview_seed=seed,
+                             on_step=progress.step, on_preview=progress.preview, should_stop=progress.should_stop,
                              on_prepare=progress.prepare, extra_summary={"node": "SelfNPOTrainTDFT", "name": name,
-                                                                         "recipe": recipe_text(model, config)})
+                                                                         "recipe": recipe, "plan": plan})
     session = TrainingSession(model, clip, vae, data, config, paths, options)
     try:
         trainer = session.prepare()
@@ -311,9 +312,9 @@ def recipe_text(model, config) -> str:
     return describe_recipe(config, family_of(model.model))
 
 
-def show_recipe(model, config) -> None:
-    """The resolved recipe, before training starts: in the log and as the node's progress text."""
-    text = recipe_text(model, config)
+def show_before_training(text: str) -> None:
+    """The resolved recipe and the memory plan, before training starts: in the log and as the node's
+    progress text."""
     log.info("Self-NPO Train: %s", text)
     try:
         from comfy_execution.utils import get_executing_context
@@ -324,6 +325,18 @@ def show_recipe(model, config) -> None:
             PromptServer.instance.send_progress_text(text, context.node_id)
     except (ImportError, AttributeError):  # headless use or an older ComfyUI: the log has it
         pass
+
+def plan_report(model, clip, vae, config) -> str:
+    """The planner's prediction for this run (peak GPU memory, TFLOP per step, which cards it fits),
+    logged before training starts; "" when the planner cannot trace the model (training goes on)."""
+    from ..training.planner import format_plan, plan_for_model
+
+    try:
+        text = format_plan(plan_for_model(model, clip, vae, config, both_checkpointing=False))
+    except Exception as e:  # a prediction must never stop a run
+        log.warning("Self-NPO Train: no memory plan for this model (%s: %s)", type(e).__name__, e)
+        return ""
+    return text
 
 
 def run_report(result) -> str:

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo", action="store_true", default=None,
                      help="train a Self-NPO negative model of the built-in handwritten-digits model (about two "
                           "minutes on a CPU) and write a CFG vs NPO-CFG grid with measured quality")
+    run.add_argument("--plan", action="store_true", default=None,
+                     help="print the predicted peak GPU memory and compute of a training step of this model and "
+                          "config (one step run on fake tensors: works on any machine, needs no --data), then exit")
     run.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
     run.add_argument("--verbose", "-v", action="store_true", default=None, help="log what the trainer does")
     run.add_argument("--dist-timeout", type=float,
@@ -735,8 +738,24 @@ def print_config(args) -> int:
     return EXIT_OK
 
 
+def _plan(args, config) -> int:
+    """--plan: load the model as a run would, print the planner's table (planner.py), train nothing."""
+    from .planner import format_plan, plan_for_model
+    from .recipes import resolve_for_model
+
+    try:
+        loaded = run_setup(args).load(args)
+        config = resolve_for_model(config, loaded.model)  # the run's own recipe: resolution, w, ...
+        print(format_plan(plan_for_model(loaded.model, loaded.clip, loaded.vae, config, _say)), flush=True)
+    except BaseException as e:  # noqa: B902  bad model files get their documented exit status
+        return _exit_code(e, StopRequest())
+    return EXIT_OK
+
+
 def run(args, stop: StopRequest) -> int:
     config = _config_from_args(args)
+    if args.plan:
+        return _plan(args, config)
     paths = _run_paths(args, config)
     world = None
     try:
