@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .weights.target import Target
+from .target import Target
 
 PREFIX = "diffusion_model."
 

@@ -321,14 +321,16 @@ def test_ctrl_c_while_starting_up_stops_the_run_with_status_130(files):
 
 
 def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_it_used():
-    """A checkpoint written before `adapter` existed trained a LoRA: it resumes as one, and only as one."""
+    """A checkpoint written before `adapter` (crop, expert) existed trained a LoRA (centre crops, the whole
+    noise range): it resumes as one, and only as one."""
     from dataclasses import asdict
 
     from comfy_selfnpo.training.checkpoint import ADDED_LATER, RunIdentity, check_resumable
     from comfy_selfnpo.training.config import make_config
     from comfy_selfnpo.training.errors import ResumeMismatch
 
-    now = RunIdentity(make_config("lora-8gb").to_dict(), "hash", "prompts", "fp", 1, 1)
+    # a run today that uses what runs before these settings used (as a resolved config stores them)
+    now = RunIdentity({**make_config("lora-8gb").to_dict(), **ADDED_LATER}, "hash", "prompts", "fp", 1, 1)
     saved = asdict(now)
     for key in ADDED_LATER:
         del saved["config"][key]

@@ -15,7 +15,7 @@ from .keys import (KOHYA_SUFFIXES, LORA_LAYOUTS, LYCORIS_ROLES, OFFSET_SUFFIXES,
                           is_vae_key, lora_role, offset_param)
 from .names import model_shapes, parameter_names
 from .report import NPOFormatError, PatchReport, file_name
-from .target import Target
+from ..target import Target
 
 # A file whose keys mostly miss the model was made for another architecture: refuse it. Below this
 # fraction of matched diffusion-model entries the file is rejected (a correct file matches all).

@@ -13,7 +13,7 @@ Targets that do not exist in the model (a map row for another variant) are dropp
 from __future__ import annotations
 
 from ..diffusers_names import diffusers_names
-from .target import Target
+from ..target import Target
 
 # prefixes diffusers / PEFT put before a diffusers parameter name
 DIFFUSERS_PREFIXES = ("", "transformer.", "unet.", "base_model.model.", "unet.base_model.model.")
