@@ -31,10 +31,7 @@ RESULTS = ROOT / "bench" / "results" / "plan_table.json"
 AUTHORS_RESULTS = ROOT / "bench" / "results" / "plan_authors.json"
 THROUGHPUT_TFLOPS = 66.0
 LORA_PRESETS = ("lora-8gb", "lora-12gb", "lora-16gb", "lora-24gb")
-# the authors' published recipes: their SDXL corruption guidance (the recipe helper's family recipes
-# will give it; this table states it so the SDXL rows are the published recipe's teacher cost)
-AS_PUBLISHED = {"SD1.5": ("sd15", {}), "SDXL": ("sdxl", {"corruption_guidance": -5.0, "uncond": "zeros"})}
-FAMILY_OVERRIDES = {"SDXL": {"corruption_guidance": -5.0, "uncond": "zeros"}}
+AS_PUBLISHED = {"SD1.5": "sd15", "SDXL": "sdxl"}  # the authors' published runs, as memory presets
 
 
 def _family(real):
@@ -52,11 +49,14 @@ def _family(real):
 def plan_row(real, preset: str, overrides: dict) -> dict:
     from comfy_selfnpo.training.config import make_config
     from comfy_selfnpo.training.planner import plan
+    from comfy_selfnpo.training.recipes import resolve
     from comfy_selfnpo.training.trainer import family_settings
 
-    config = make_config(preset, resolution=real.resolution, frames=real.frames, **overrides)
-    run_config = family_settings(config, _family(real))
-    p = plan(real.model_config(), run_config, real.text, real.latent_shape(config.resolution), name=real.name)
+    family = _family(real)
+    config = resolve(make_config(preset, **overrides), family)  # the family's recipe, as a run resolves it
+    run_config = family_settings(config, family)
+    p = plan(real.model_config(), run_config, real.text,
+             dataclasses.replace(real, frames=config.frames).latent_shape(config.resolution), name=real.name)
     return {"model": real.name, "preset": preset, "resolution": config.resolution, "frames": real.frames,
             "batch": config.batch_size, "grad_accum": config.grad_accum, "checkpointing": config.gradient_checkpointing,
             "w": config.corruption_guidance, "peak_gb": p.peak / 2 ** 30, "peak_phase": p.peak_phase,
@@ -64,6 +64,8 @@ def plan_row(real, preset: str, overrides: dict) -> dict:
             "weight_dtype": p.weight_dtype, "tflop": p.flop / 1e12, "teacher_tflop": p.teacher_flop / 1e12,
             "minutes_per_1000": p.flop * 1000 / (THROUGHPUT_TFLOPS * 1e12) / 60,
             "smallest_card_gb": p.smallest_card(), "fits_12gb": p.fits(12), "plan_s": p.seconds,
+            "streamed_peak_gb": None if p.streamed_peak is None else p.streamed_peak / 2 ** 30,
+            "smallest_card_streamed_gb": p.smallest_card_streamed(), "fits_12gb_streamed": p.fits_streamed(12),
             "attention": p.attention}
 
 
@@ -71,25 +73,37 @@ def _rows(models, presets) -> list[tuple]:
     todo = []
     for name in models:
         for preset in presets:
-            overrides = FAMILY_OVERRIDES.get(name, {})
             if preset == "as-published":
                 if name not in AS_PUBLISHED:
                     continue
-                preset, overrides = AS_PUBLISHED[name]
-            todo.append((name, preset, overrides))
+                preset = AS_PUBLISHED[name]
+            todo.append((name, preset, {}))
     return todo
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | preset | px (frames) | batch × accum | ckpt | peak GB | fits 12 GB | smallest card | "
-             "TFLOP / step | min / 1,000 steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | preset | px (frames) | w | batch × accum | ckpt | peak GB | fits 12 GB | smallest card | "
+             "TFLOP / step | min / 1,000 steps |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         px = f"{r['resolution']}" + (f" ({r['frames']})" if r["frames"] > 1 else "")
-        card = f"{r['smallest_card_gb']} GB" if r["smallest_card_gb"] else "> 80 GB"
-        lines.append(f"| {r['model']} | {r['preset']} | {px} | {r['batch']} × {r['grad_accum']} | "
-                     f"{'yes' if r['checkpointing'] else 'no'} | {r['peak_gb']:.1f} | {'yes' if r['fits_12gb'] else '**no**'} "
-                     f"| {card} | {r['tflop']:.0f} | {r['minutes_per_1000']:.0f} |")
+        lines.append(f"| {r['model']} | {r['preset']} | {px} | {r['w']:g} | {r['batch']} × {r['grad_accum']} | "
+                     f"{'yes' if r['checkpointing'] else 'no'} | {r['peak_gb']:.1f} | {_fits_12(r)} "
+                     f"| {_card(r)} | {r['tflop']:.0f} | {r['minutes_per_1000']:.0f} |")
     return "\n".join(lines)
+
+
+def _fits_12(r: dict) -> str:
+    if r["fits_12gb"]:
+        return "yes"
+    return "streamed" if r.get("fits_12gb_streamed") else "**no**"
+
+
+def _card(r: dict) -> str:
+    card = f"{r['smallest_card_gb']} GB" if r["smallest_card_gb"] else "> 80 GB"
+    streamed = r.get("smallest_card_streamed_gb")
+    if streamed and streamed != r["smallest_card_gb"]:
+        card += f" ({streamed} GB streamed)"
+    return card
 
 
 def _save(payload: dict, path=RESULTS) -> None:
@@ -165,8 +179,7 @@ def authors_comparison() -> list[dict]:
                           grad_ckpt=True, w=-5.0)}
     out = []
     for name, size in sizes.items():
-        preset, overrides = AS_PUBLISHED[name]
-        ours = plan_row(REAL_MODELS[name], preset, {**overrides, "batch_size": size["batch"], "grad_accum": 1})
+        ours = plan_row(REAL_MODELS[name], AS_PUBLISHED[name], {"batch_size": size["batch"], "grad_accum": 1})
         theirs, seconds = _authors_peak(size)
         row = {"model": name, "batch": size["batch"], "ours_gb": ours["peak_gb"], "ours_parts_gb": ours["parts_gb"],
                "authors_gb": theirs / 2 ** 30, "ratio": ours["peak_gb"] / (theirs / 2 ** 30),

@@ -130,3 +130,23 @@ def test_eight_bit_adamw_is_planned_at_two_bytes_per_parameter():
     fp32, eight_bit = plans["adamw"].parts["optimizer state"], plans["adamw8bit"].parts["optimizer state"]
     assert fp32 == 8 * plans["adamw"].trainable_params and eight_bit == fp32 // 4
     assert plans["adamw"].peak - plans["adamw8bit"].peak == fp32 - eight_bit
+
+
+def test_a_lora_run_streaming_its_base_needs_the_peak_without_the_base_plus_its_largest_layers(tiny):
+    """Plan.streamed_peak (ComfyUI's partial loading of the frozen base, LoRA only): the peak less the
+    base weights, plus the largest base layer twice; full fine-tuning keeps every weight resident."""
+    ckpt = tiny.build_checkpoint("sd15", seed=0)
+    small = dict(resolution=64, batch_size=1, grad_accum=1, truncation_steps=1)
+    lora = planner.plan_for_model(ckpt.model, ckpt.clip, ckpt.vae, make_config("lora-8gb", **small),
+                                  both_checkpointing=False)
+    largest = max(m.weight.numel() * m.weight.element_size() + (m.bias.numel() * m.bias.element_size()
+                                                                if getattr(m, "bias", None) is not None else 0)
+                  for m in ckpt.model.model.diffusion_model.modules()
+                  if getattr(m, "weight", None) is not None and not list(m.children()))
+    largest = largest * 2 // ckpt.model.model.diffusion_model.input_blocks[0][0].weight.element_size()  # fp16
+    assert lora.parts["base weights"] > 0
+    assert lora.streamed_peak == lora.peak - lora.parts["base weights"] + 2 * largest
+    assert lora.streamed_peak < lora.peak
+    full = planner.plan_for_model(ckpt.model, ckpt.clip, ckpt.vae, make_config("sd15", **small, optimizer="adamw"),
+                                  both_checkpointing=False)
+    assert full.streamed_peak is None and not full.fits_streamed(80)

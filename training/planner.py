@@ -59,6 +59,10 @@ class Plan:
     student_flop: float
     seconds: float
     other_checkpointing_peak: int | None = None  # the peak with gradient checkpointing switched
+    # LoRA runs only: the peak when ComfyUI keeps the frozen base in CPU memory and casts each layer
+    # in as it runs (partial loading; the trainer streams it, streaming.py): the peak without the
+    # base weights, plus the largest base layer twice (the one running and the next one cast in)
+    streamed_peak: int | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -70,6 +74,13 @@ class Plan:
 
     def smallest_card(self) -> int | None:
         return next((gb for gb in CARDS_GB if self.fits(gb)), None)
+
+    def fits_streamed(self, card_gb: float) -> bool:
+        """Fits with the base model partly in CPU memory (slower: weights cross the bus every step)."""
+        return self.streamed_peak is not None and self.streamed_peak <= (card_gb - CARD_RESERVE_GB) * GIB
+
+    def smallest_card_streamed(self) -> int | None:
+        return next((gb for gb in CARDS_GB if self.fits_streamed(gb)), None)
 
 
 def gpu_weight_dtype(model_config) -> torch.dtype:
@@ -241,6 +252,16 @@ def _eight_bit_saving(run: _Run, parts: dict) -> int:
     return saving
 
 
+def _streamed_peak(run: _Run, peak: int, parts: dict) -> int | None:
+    """The peak of a LoRA run whose frozen base streams from CPU memory (Plan.streamed_peak)."""
+    if run.config.mode != "lora":
+        return None  # full fine-tuning updates every weight: they stay on the device
+    base = run.patcher.model.diffusion_model
+    layers = [m for m in base.modules() if getattr(m, "weight", None) is not None and not list(m.children())]
+    largest = max((_bytes([m.weight, getattr(m, "bias", None)]) for m in layers), default=0)
+    return peak - parts["base weights"] + 2 * largest
+
+
 @dataclass
 class TextShape:
     """What the text encoder hands the model, for planning without one: [1, tokens, dim] embeddings,
@@ -294,6 +315,7 @@ def _trace(model_config, config, text, latent_shape, dtype) -> tuple[dict, str]:
             name = str(t.dtype).removeprefix("torch.")
             weights[name] = weights.get(name, 0) + t.untyped_storage().nbytes()
         raw = dict(peak=tracker.peak - saving, peak_phase=tracker.peak_phase, parts=parts, weights_by_dtype=weights,
+                   streamed_peak=_streamed_peak(run, tracker.peak - saving, parts),
                    trainable_params=sum(p.numel() for p in run.trained.parameters()),
                    teacher_flop=phases.flop["teacher"] * config.grad_accum,
                    student_flop=phases.flop["student"] * config.grad_accum,
@@ -328,6 +350,9 @@ def plan_for_model(patcher, clip, vae, config, log=lambda message: None, both_ch
 
     base = patcher.model
     family = family_of(base)
+    from .recipes import resolve
+
+    config = resolve(config, family, base)  # idempotent: a resolved config stays as it is
     run_config = family_settings(config, family)
     latent_shape = latent_geometry(base, vae, makes_video(family, base), config.frames).shape(config.resolution)
     if clip is not None:
@@ -361,6 +386,10 @@ def format_plan(p: Plan) -> str:
                 f"student {p.student_flop / 1e12:.2f})")
     fits = "  ".join(f"{gb} GB {'yes' if p.fits(gb) else 'no'}" for gb in CARDS_GB)
     rows.append(f"  fits (keeping {CARD_RESERVE_GB:g} GB for CUDA): {fits}")
+    if p.streamed_peak is not None and p.smallest_card() != p.smallest_card_streamed():
+        card = p.smallest_card_streamed()
+        rows.append(f"  with the base model partly in CPU memory (ComfyUI's partial loading; slower): at least "
+                    f"{_gb(p.streamed_peak)}, fits {f'{card} GB' if card else 'no card listed'}")
     rows += [f"  note: {note}" for note in p.notes]
     rows.append(f"  planned in {p.seconds:.1f} s on this machine's CPU, nothing allocated")
     return "\n".join(rows)
