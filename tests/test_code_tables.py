@@ -25,6 +25,26 @@ def test_a_new_exporter_is_an_output_format_of_the_config_the_cli_and_the_node(m
     assert build_config("lora-12gb", parse_overrides("output_format = npz")).output_format == "npz"  # the node
 
 
+@pytest.mark.parametrize("module, table, field, flag", [
+    ("trained_kinds", "TRAINED_KINDS", "mode", "--mode"),
+    ("adapter_kinds", "ADAPTERS", "adapter", "--adapter"),
+])
+def test_a_new_trained_kind_or_adapter_is_a_choice_of_the_config_the_cli_and_the_node(
+        monkeypatch, module, table, field, flag):
+    """The config and the CLI read the torch-free tables (trained_kinds.py, adapter_kinds.py) live: a
+    new row is a new choice everywhere, with no other edit."""
+    import importlib
+
+    rows = getattr(importlib.import_module(f"comfy_selfnpo.training.{module}"), table)
+    with pytest.raises(ValueError, match=f"{field}='dora' is not one of"):
+        make_config(**{field: "dora"})
+    monkeypatch.setitem(rows, "dora", rows[next(iter(rows))])
+    assert choices_of(field) == tuple(rows) and "dora" in choices_of(field)
+    assert make_config(**{field: "dora"}).__dict__[field] == "dora"
+    assert "dora" in _cli_choices(flag)
+    assert build_config("lora-12gb", parse_overrides(f"{field} = dora")).__dict__[field] == "dora"  # the node
+
+
 def test_modes_adapters_and_teachers_are_the_tables_that_implement_them(comfy_registry):
     from comfy_selfnpo.nodes.train import TEACHER_CHOICES
     from comfy_selfnpo.training.adapters import ADAPTERS

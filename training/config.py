@@ -18,7 +18,9 @@ import math
 import re
 from dataclasses import dataclass, fields
 
+from .adapter_kinds import ADAPTERS
 from .export import EXPORTERS
+from .trained_kinds import TRAINED_KINDS
 
 LORA_TARGET_NAMES = ("attn", "attn+ff", "all_linear")
 
@@ -58,14 +60,14 @@ class TDFTConfig:
     ema_decay: float = hp(0.999, "EMA teacher decay d: θ⁻ ← d·θ⁻ + (1 − d)·θ", ge=0, lt=1)
     # trainable parameters
     mode: str = hp("full", "train all weights (the paper) or a LoRA adapter (extension)",
-                   choices=("full", "lora"))
+                   choices=TRAINED_KINDS)  # the live table: a new row is a choice
     lora_rank: int = hp(16, "LoRA rank r", ge=1)
     lora_alpha: float = hp(16.0, "LoRA alpha (the adapter is scaled by alpha / rank)", gt=0)
     lora_targets: str = hp("attn", "layers the LoRA trains: attn | attn+ff (the model family's attention / "
                            "feed-forward layers) | all_linear | a regex over layer names")
     adapter: str = hp("lora", "what a LoRA-mode run trains (ComfyUI's own trainable adapters): lora; loha "
                       "(LyCORIS Hadamard product, rank r per factor); lokr (LyCORIS Kronecker product, "
-                      "lora_rank is the factor, alpha unused)", choices=("lora", "loha", "lokr"))
+                      "lora_rank is the factor, alpha unused)", choices=ADAPTERS)  # the live table
     # optimisation
     learning_rate: float = hp(None, "AdamW learning rate (full mode: 1e-6 SD1.5, 1e-7 SDXL; LoRA: 1e-4)" + _RECIPE,
                               kind=float, ge=0)

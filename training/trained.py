@@ -27,6 +27,7 @@ import torch
 from .errors import TrainingError, UnsupportedModel
 from .adapters import AdapterSet
 from .streaming import streamed_layers
+from .trained_kinds import TRAINED_KINDS
 
 
 def _cpu_copy(module: torch.nn.Module) -> dict:
@@ -270,7 +271,7 @@ class LoRAWeights(_Trained):
         return comfy.lora.load_lora(self.lora_tensors(), key_map)
 
 
-TRAINED = {"full": FullWeights, "lora": LoRAWeights}
+TRAINED = {mode: globals()[name] for mode, name in TRAINED_KINDS.items()}  # the rows of trained_kinds.py
 
 
 def make_trained(base_patcher, config):
