@@ -202,7 +202,10 @@ class ImageCaptionFolder:
         """(top, left) of the cut load_cropped makes, from the file's header (size, EXIF orientation)."""
         from PIL import Image
 
-        with Image.open(self.items[index].path) as im:
+        path = self.items[index].path
+        if path.suffix.lower() in CLIP_EXTENSIONS:  # a still clip: its frame's size
+            return crop_box(*first_frame(path).size, self.resolution, at)[2:]
+        with Image.open(path) as im:
             w, h = im.size
             turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # rotated by 90°: exif_transpose swaps the sides
         return crop_box(*((h, w) if turned else (w, h)), self.resolution, at)[2:]
@@ -212,8 +215,8 @@ class ImageCaptionFolder:
         from PIL import Image
 
         item = self.items[index]
-        if item.path.suffix.lower() in CLIP_EXTENSIONS:  # a still clip (one frame, e.g. a static GIF)
-            return read_clip(item.path, 1, 1.0, self.resolution)[0]
+        if item.path.suffix.lower() in CLIP_EXTENSIONS:  # a still clip (one frame, e.g. a static GIF): an image
+            return crop_resize(first_frame(item.path), self.resolution, at)
         try:
             with Image.open(item.path) as im:
                 return crop_resize(im, self.resolution, at)
@@ -272,6 +275,17 @@ def read_clip(path: Path, frames: int, fps: float, resolution: int) -> torch.Ten
         raise DataError(f"the clip {str(path)!r} is too short: it covers {len(picked)} of the {frames} frames the "
                         f"run samples at {fps:g} fps; use longer clips, fewer frames or a lower fps")
     return torch.stack([center_crop_resize(image, resolution) for image in picked])
+
+
+def first_frame(path: Path):
+    """The first frame of a clip as a PIL image (a still clip: a static GIF, a one-frame video)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return next(container.decode(video=0)).to_image()
+    except Exception as e:  # PyAV raises many kinds for broken files
+        raise DataError(f"cannot read the clip {str(path)!r}: {type(e).__name__}: {e}") from e
 
 
 def _unreadable(path: Path) -> tuple[str | None, int]:
