@@ -88,8 +88,6 @@ def _add_hyperparameter_flags(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_PRESET, PRESETS
-
     parser = argparse.ArgumentParser(
         prog="comfy-selfnpo-train",
         description="Train a Self-NPO negative model with truncated diffusion fine-tuning (TDFT), "
@@ -100,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                "--preset > the family's recipe > defaults; --print-config shows what a run would use. Exit status: "
                + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
     )
+    _add_model_and_data_flags(parser)
+    _add_output_flags(parser)
+    _add_run_flags(parser)
+    _add_hyperparameter_flags(parser)
+    parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})
+    return parser
+
+
+def _add_model_and_data_flags(parser) -> None:
     model = parser.add_argument_group("model (loaded with ComfyUI's loaders)")
     model.add_argument("--checkpoint", "--ckpt", help="single-file checkpoint (SD1.5, SDXL, ...) with MODEL, CLIP and VAE")
     model.add_argument("--diffusion-model", help="diffusion model (UNet / DiT) file; replaces the checkpoint's")
@@ -115,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--prompts", help="text file, one prompt per line (prompt-only mode, this pack's extension); "
                       "neither --data nor --prompts: the pack's default list of prompts")
     data.add_argument("--caption-extension", help="caption file extension (default .txt)")
+
+
+def _add_output_flags(parser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", help="run folder: weights, checkpoint, logs, previews (default ./selfnpo-run, "
                      "./selfnpo-demo with --demo)")
@@ -134,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--preview-steps", type=int, help="sampling steps of a preview (default 20)")
     out.add_argument("--preview-cfg", type=float,
                      help="CFG scale of the previews and of the demo grid (default 7.0; 1.5 with --demo)")
+
+
+def _add_run_flags(parser) -> None:
+    from .config import DEFAULT_PRESET, PRESETS
+
     run = parser.add_argument_group("run")
     run.add_argument("--config", help="TOML file with any of these options (names with _ or -), for repeatable runs")
     run.add_argument("--preset", choices=sorted(PRESETS), help=f"memory preset (default {DEFAULT_PRESET}, as the "
@@ -154,9 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dist-timeout", type=float,
                      help="torchrun jobs: seconds a process waits for the others in a collective before "
                           "giving up (default: torch's, 30 min); a lost process ends the job within it")
-    _add_hyperparameter_flags(parser)
-    parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})
-    return parser
 
 
 def apply_toml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
