@@ -220,7 +220,7 @@ TRAIN_NODE_INPUTS: dict = dict(
     ]),
     preset="lora-12gb", **LORA_12GB, seed=0,
     output_name="sd15_selfnpo_lora", save_every=100, preview_every=100, overrides="", input_folder="",
-    resolution=0, corruption_guidance=0.0,
+    resolution=0, corruption_guidance=0.0, on_existing_run="continue",
 )
 TRAIN_NOTE = (
     "## Train a Self-NPO LoRA, then sample with it",
@@ -237,7 +237,8 @@ TRAIN_NOTE = (
     "frozen base), *resolution* and *corruption_guidance* (0 = the recipe's) override them; *overrides* takes "
     "any other setting as `key = value` lines.\n"
     "* Weights go to `models/self_npo/<output_name>.safetensors` (listed by the loader at once). "
-    "Re-running with the same name resumes; cancelling saves a resumable checkpoint.\n"
+    "Re-running with the same name does what *on_existing_run* says (continue, start over keeping the old "
+    "run aside, or continue with changed data); cancelling saves a resumable checkpoint.\n"
     "* *preview_every*: shows the first prompt with plain CFG and with NPO-CFG in the progress bar."
 )
 
@@ -331,7 +332,7 @@ WAN_TRAIN_INPUTS: dict = dict(
     ]),
     preset="lora-12gb", **LORA_12GB, seed=0,
     output_name="wan21_selfnpo_lora", save_every=100, preview_every=0, overrides="frames = 17\nresolution = 480",
-    input_folder="", resolution=0, corruption_guidance=0.0,
+    input_folder="", resolution=0, corruption_guidance=0.0, on_existing_run="continue",
 )
 
 GRAPHS = [sd15_apply_selfnpo_ksampler, sdxl_selfnpo_guider, train_then_sample, diffusion_npo_release_with_beta,
