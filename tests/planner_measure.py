@@ -38,13 +38,15 @@ def sd15_config(width: int):
 
 
 def run_config(spec: dict):
-    from comfy_selfnpo.training import config as config_module, families, trainer
+    """The run's config; planner.build_run fills in the SD1.5 recipe and layer names as the trainer does.
+    float32 AdamW: the CPU cannot run 8-bit AdamW (the sd15 preset's), so the measured step could not
+    either (the planner's 8-bit correction has a test of its own)."""
+    from comfy_selfnpo.training import config as config_module
 
     preset = "lora-12gb" if spec["mode"] == "lora" else "sd15"
-    config = config_module.make_config(preset, mode=spec["mode"], teacher=spec["teacher"], batch_size=spec["batch"],
-                                       grad_accum=1, truncation_steps=2, mixed_precision="no",
-                                       gradient_checkpointing=spec["checkpointing"])
-    return trainer.family_settings(config, families.FAMILIES[1])
+    return config_module.make_config(preset, mode=spec["mode"], teacher=spec["teacher"], batch_size=spec["batch"],
+                                     grad_accum=1, truncation_steps=2, mixed_precision="no", optimizer="adamw",
+                                     gradient_checkpointing=spec["checkpointing"])
 
 
 def _rss(field: str) -> int:

@@ -115,7 +115,8 @@ class _Run:
 
 
 def build_run(patcher, config) -> _Run:
-    """`config`: the run's config with the family's choices made (trainer.family_settings)."""
+    """`config`: the run's config; the family's recipe and layer names are filled in as the trainer does."""
+    config = _as_the_trainer_runs_it(config, patcher.model)
     trained = make_trained(patcher, config)
     # 8-bit AdamW (bitsandbytes, CUDA only) is traced as float32 AdamW and corrected (_eight_bit_saving)
     traced = dataclasses.replace(config, optimizer="adamw")
@@ -292,12 +293,23 @@ def _model_inputs(base_model, text, latent_shape) -> dict:
     return TextEncoder(base_model, None, latent_shape).model_inputs(conditioning).as_cond()
 
 
+def _as_the_trainer_runs_it(config, base_model):
+    """The family's recipe where the config leaves it open, and its layer names (both idempotent)."""
+    from .families import family_of
+    from .recipes import resolve
+    from .trainer import family_settings
+
+    family = family_of(base_model)
+    return family_settings(resolve(config, family, base_model), family)
+
+
 def _trace(model_config, config, text, latent_shape, dtype) -> tuple[dict, str]:
     """One fake optimizer step; the raw figures."""
     tracker, counter = MemoryTracker(), FlopTally()
     with target_attention() as attention, fake_module_casts(), HostFakeMode(tracker, counter), \
             torch.inference_mode(False):
         run = build_run(fake_model(model_config, dtype), config)
+        config = run.config
         cond = _model_inputs(run.patcher.model, text, latent_shape)
         steady_state(run)
         phases = _Phases(tracker, counter)
