@@ -549,12 +549,10 @@ def _world(args):
 
 def _session(args, config, paths, stop, world):
     from .previews import PreviewSettings
-    from .recipes import resolve_for_model
     from .session import SessionOptions, TrainingSession
 
     setup = run_setup(args)
-    loaded = setup.load(args)
-    config = resolve_for_model(config, loaded.model)  # the model family's recipe where not given
+    loaded, config = _load_resolved(args, config)
     data = setup.data(args, config)
     what = "images" if args.data else "prompts" if args.prompts else setup.default_data
     world.main_only(lambda: _say(
@@ -731,18 +729,22 @@ def _exit_code(e: BaseException, stop) -> int:
     raise e
 
 
-def print_config(args) -> int:
+def _load_resolved(args, config):
+    """The model a run of these arguments trains, and `config` with its family's recipe where the
+    config leaves it open (what a run, --print-config and --plan all use)."""
+    from .recipes import resolve_for_model
+
+    loaded = run_setup(args).load(args)
+    return loaded, resolve_for_model(config, loaded.model)
+
+
+def _print_config(args, config) -> int:
     """--print-config: the configuration a run of these arguments would use, as a --config TOML file."""
     from .families import family_of
-    from .recipes import describe_recipe, resolve_for_model
+    from .recipes import describe_recipe
     from .settings import config_toml
 
-    config = _config_from_args(args)
-    try:
-        loaded = run_setup(args).load(args)
-        config = resolve_for_model(config, loaded.model)
-    except Exception as e:  # noqa: B902  a model that does not load: its documented exit status
-        return _exit_code(e, StopRequest())
+    loaded, config = _load_resolved(args, config)
     skip = {"config", "print_config", "preset", *config.to_dict()}
     options = {name: value for name, value in vars(args).items() if value is not None and name not in skip}
     print(f"# {describe_recipe(config, family_of(loaded.model.model))}")
@@ -753,25 +755,25 @@ def print_config(args) -> int:
 def _plan(args, config) -> int:
     """--plan: load the model as a run would, print the planner's table (planner.py), train nothing."""
     from .planner import format_plan, plan_for_model
-    from .recipes import resolve_for_model
 
-    try:
-        loaded = run_setup(args).load(args)
-        config = resolve_for_model(config, loaded.model)  # the run's own recipe: resolution, w, ...
-        print(format_plan(plan_for_model(loaded.model, loaded.clip, loaded.vae, config, _say)), flush=True)
-    except BaseException as e:  # noqa: B902  bad model files get their documented exit status
-        return _exit_code(e, StopRequest())
+    loaded, config = _load_resolved(args, config)  # the run's own recipe: resolution, w, ...
+    print(format_plan(plan_for_model(loaded.model, loaded.clip, loaded.vae, config, _say)), flush=True)
     return EXIT_OK
+
+
+# what the run flags do instead of training; each loads the model as a run would and exits
+INSTEAD_OF_TRAINING = {"print_config": _print_config, "plan": _plan}
 
 
 def run(args, stop: StopRequest) -> int:
     config = _config_from_args(args)
-    if args.plan:
-        return _plan(args, config)
-    paths = _run_paths(args, config)
+    instead = next((do for flag, do in INSTEAD_OF_TRAINING.items() if getattr(args, flag)), None)
+    paths = None if instead else _run_paths(args, config)
     world = None
     try:
         stop.check()  # importing torch and ComfyUI takes a while
+        if instead:
+            return instead(args, config)  # bad model files get their documented exit status below
         world = _world(args)
         return _train(args, config, paths, stop, world)
     except BaseException as e:  # noqa: B902  every outcome gets its documented exit status
@@ -792,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         restore_logging = _setup_logging(bool(args.verbose))
         _init_comfyui(args.device or "auto", bool(args.verbose))
-        code = print_config(args) if args.print_config else run(args, stop)
+        code = run(args, stop)
     except SystemExit as e:  # argparse: --help (0) or bad flags (2)
         return int(e.code or 0)
     except UsageError as e:
