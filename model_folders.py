@@ -68,8 +68,9 @@ def list_model_files(folder: str) -> list[str]:
                 path = os.path.join(dirpath, name)
                 if extensions and os.path.splitext(name)[1].lower() not in extensions:
                     continue
-                if os.path.realpath(path) in seen_files:
+                real_file = os.path.realpath(path)
+                if real_file in seen_files:
                     continue
-                seen_files.add(os.path.realpath(path))
+                seen_files.add(real_file)
                 names.append(os.path.relpath(path, root))
     return sorted(set(names))

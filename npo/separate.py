@@ -167,10 +167,15 @@ class LaterPatches:
     model_options (attention patches, wrappers) need no check: they reach the negative pass with the
     model_options it is run with."""
 
+    # what is compared: (how the error names it, the patcher's dict of it)
+    SOURCES = (("weight patches (a LoRA loader?)", lambda p: p.patches),
+               ("object patches (a ModelSampling node?)", lambda p: p.object_patches),
+               ("weight wrappers", lambda p: getattr(p, "weight_wrapper_patches", {})))
+
     def __init__(self, patcher):
-        self.patches = {k: list(v) for k, v in patcher.patches.items()}
-        self.object_patches = dict(patcher.object_patches)
-        self.weight_wrappers = {k: list(v) for k, v in getattr(patcher, "weight_wrapper_patches", {}).items()}
+        # lists copied (a later patch appends to them), everything else kept as the object it was
+        self.before = [{k: list(v) if isinstance(v, list) else v for k, v in get(patcher).items()}
+                       for _what, get in self.SOURCES]
 
     @staticmethod
     def _changed(before: dict, now: dict) -> list[str]:
@@ -183,11 +188,8 @@ class LaterPatches:
     def check(self, patcher) -> None:
         """Raise when `patcher` (the sampled MODEL) carries patches it did not carry at apply time."""
         found = []
-        for what, before, now in (
-                ("weight patches (a LoRA loader?)", self.patches, patcher.patches),
-                ("object patches (a ModelSampling node?)", self.object_patches, patcher.object_patches),
-                ("weight wrappers", self.weight_wrappers, getattr(patcher, "weight_wrapper_patches", {}))):
-            changed = self._changed(before, now)
+        for (what, get), before in zip(self.SOURCES, self.before):
+            changed = self._changed(before, get(patcher))
             if changed:
                 found.append(f"{what} on {len(changed)} entries, e.g. {changed[0]}")
         if found:
