@@ -260,7 +260,7 @@ def noised_start(schedule: NoiseSchedule, grid: torch.Tensor, x0: torch.Tensor, 
                  steps: int, levels: "NoiseLevels | None" = None) -> StartBatch:
     """Image mode (algorithm §3 step 2): per item a start grid index i ~ U{lo … hi} (U{0 … N−1} unless
     `levels` restricts it) and noise ε from `rng` (a draws.ItemRandom), x_s = a·x0 + b·ε at level grid[i]."""
-    levels = levels or NoiseLevels(0, len(grid) - 1, schedule.T - 1)
+    levels = levels or noise_levels(schedule, grid)
     index = rng.randint(levels.hi - levels.lo + 1) + levels.lo
     noise = rng.randn(x0.shape[1:]).to(x0.device, x0.dtype)
     x_s = noise_to(schedule, x0, grid[index].to(x0.device), noise)
