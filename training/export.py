@@ -114,7 +114,7 @@ def metadata(fmt: str, base_model, config, base_hash: str, steps: int, data_kind
 
 def adapter_metadata(config) -> dict[str, str]:
     """kohya's network keys; LyCORIS files name their algorithm in ss_network_args as LyCORIS does."""
-    from .adapters import ADAPTERS
+    from .adapter_kinds import ADAPTERS
 
     meta = {"ss_network_module": ADAPTERS[config.adapter].network_module, "ss_network_dim": str(config.lora_rank),
             "ss_network_alpha": str(config.lora_alpha)}
